@@ -1,0 +1,372 @@
+"""The app's live operations on the ledger: resolve, grant, deduct, balance, history, generate.
+
+Every write goes through the SQL ledger functions, so the Python module and an app in any other
+language share one implementation of the money rules. This module only validates early, maps
+SQLSTATEs to typed errors, and records what the database cannot (a refused deduction).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from ledger import db
+from ledger.config import PAID_STATUSES, CreditsConfig, load_config
+from ledger.errors import (
+    DatabaseUnavailable,
+    InsufficientCredits,
+    InvalidAmount,
+    InvalidArgument,
+    UnknownUser,
+    translate,
+)
+from ledger.ids import is_uuid, normalize_email, parse_uuid
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class LedgerWrite:
+    """What a ledger function answered: the balance after the write and its ledger row."""
+
+    new_balance: int
+    transaction_id: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Balance:
+    user_id: uuid.UUID
+    balance: int
+    lifetime_earned: int
+    lifetime_spent: int
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Transaction:
+    id: int
+    user_id: uuid.UUID
+    amount: int
+    balance_after: int
+    transaction_type: str
+    description: str | None
+    idempotency_key: str
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Resolution:
+    bestauth_user_id: uuid.UUID
+    user_id: uuid.UUID
+    source: str  # mapping | metadata | bestauth_id
+
+
+@dataclass(frozen=True)
+class GenerationCheck:
+    allowed: bool
+    tier: str
+    cost: int
+    balance: int | None  # paid tiers
+    remaining_today: int | None  # free tier
+    reason: str
+
+
+@dataclass(frozen=True)
+class GenerationCharge:
+    tier: str
+    cost: int
+    duplicate: bool
+    new_balance: int | None
+    transaction_id: int | None
+    used_today: int | None
+
+
+def check_amount(amount: object, config: CreditsConfig) -> int:
+    """Refuse before the database does, with the same rules (the SQL functions check again)."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise InvalidAmount(f"amount must be a whole number of credits, got {amount!r}")
+    if amount <= 0:
+        raise InvalidAmount(f"amount must be positive, got {amount}")
+    if amount > config.limits.max_operation_amount:
+        raise InvalidAmount(
+            f"amount {amount} exceeds the per-operation maximum of {config.limits.max_operation_amount}"
+        )
+    return amount
+
+
+def check_key(key: object) -> str:
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise InvalidArgument(f"idempotency key must be a string of 1 to {MAX_KEY_LENGTH} characters")
+    return key
+
+
+class Ledger:
+    """A pooled handle on the ledger. Thread-safe; share one per process."""
+
+    def __init__(self, pool: ConnectionPool, config: CreditsConfig, url: str) -> None:
+        self.pool = pool
+        self.config = config
+        self.url = url
+
+    @classmethod
+    def connect(cls, url: str | None = None, config: CreditsConfig | None = None, *,
+                migrate: bool = True, max_size: int | None = None) -> "Ledger":
+        """Open a pool on ``url`` ($DATABASE_URL, else the embedded server), migrating first by default."""
+        config = config or load_config()
+        url = db.resolve_url(config, url)
+        if migrate:
+            from ledger.migrate import migrate as run_migrations
+
+            with db.connect(url, autocommit=True) as conn:
+                run_migrations(conn, config)
+        pool = db.open_pool(url, max_size=max_size or config.database.pool_max_size)
+        return cls(pool, config, url)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection with driver errors translated to typed ones."""
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            if getattr(exc, "sqlstate", None):
+                raise translate(exc) from exc
+            raise DatabaseUnavailable(f"lost the database at {db.describe_url(self.url)}: {exc}") from exc
+        except psycopg.Error as exc:
+            translated = translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    # ---------------------------------------------------------------- id resolution
+
+    def resolve_user_ids(self, bestauth_ids: Iterable[uuid.UUID | str]) -> dict[uuid.UUID, Resolution]:
+        """The contract's three layers for many users in one query; unknown ids are absent from the result."""
+        ids = [parse_uuid(i, "BestAuth user id") for i in bestauth_ids]
+        if not ids:
+            return {}
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT bestauth_user_id, user_id, source FROM public.resolve_user_ids(%s::uuid[])", (ids,)
+            ).fetchall()
+        return {r[0]: Resolution(r[0], r[1], r[2]) for r in rows}
+
+    def resolve_user_id(self, bestauth_id: uuid.UUID | str) -> Resolution:
+        bid = parse_uuid(bestauth_id, "BestAuth user id")
+        found = self.resolve_user_ids([bid]).get(bid)
+        if found is None:
+            raise UnknownUser(f"no BestAuth user with id {bid}")
+        return found
+
+    def find_user(self, ref: str) -> Resolution:
+        """A user by email, BestAuth id or points (Supabase) id; UnknownUser when none matches."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise InvalidArgument("a user email or id is required")
+        if "@" in ref:
+            email = normalize_email(ref)
+            with self.connection() as conn:
+                row = conn.execute("SELECT id FROM public.bestauth_users WHERE email = %s", (email,)).fetchone()
+            if row is None:
+                raise UnknownUser(f"no user with email {email}")
+            return self.resolve_user_id(row[0])
+        if not is_uuid(ref):
+            raise InvalidArgument(f"not an email or a UUID: {ref[:80]!r}")
+        uid = parse_uuid(ref)
+        with self.connection() as conn:
+            row = conn.execute(
+                """SELECT r.bestauth_user_id, r.user_id, r.source FROM public.user_id_resolution r
+                    WHERE r.bestauth_user_id = %(id)s
+                   UNION ALL
+                   SELECT r.bestauth_user_id, r.user_id, r.source FROM public.user_id_resolution r
+                    WHERE r.user_id = %(id)s
+                   LIMIT 1""",
+                {"id": uid},
+            ).fetchone()
+            if row is None:
+                has_ledger = conn.execute(
+                    """SELECT 1 FROM public.points_balances WHERE user_id = %(id)s
+                       UNION ALL SELECT 1 FROM public.points_transactions WHERE user_id = %(id)s LIMIT 1""",
+                    {"id": uid},
+                ).fetchone()
+                if has_ledger:
+                    return Resolution(uid, uid, "points_only")
+                raise UnknownUser(f"no user with id {uid} (neither a BestAuth id nor a points user id)")
+        return Resolution(row[0], row[1], row[2])
+
+    def ensure_mapping(self, bestauth_id: uuid.UUID | str, supabase_id: uuid.UUID | str | None = None) -> uuid.UUID:
+        """Make sure the user has a mapping row; returns the mapped points id.
+
+        Without ``supabase_id`` the contract's resolution picks it. A conflicting existing mapping
+        is never overwritten.
+        """
+        from ledger.subscriptions import ensure_mapping_in
+
+        bid = parse_uuid(bestauth_id, "BestAuth user id")
+        sid = parse_uuid(supabase_id, "Supabase user id") if supabase_id is not None else None
+        with self.connection() as conn, conn.transaction():
+            return ensure_mapping_in(conn, bid, sid)
+
+    # ---------------------------------------------------------------- writes
+
+    def _write(self, fn: str, user_id: uuid.UUID | str, amount: int, transaction_type: str,
+               description: str | None, idempotency_key: str, metadata: dict[str, Any] | None) -> LedgerWrite:
+        uid = parse_uuid(user_id)
+        amount = check_amount(amount, self.config)
+        key = check_key(idempotency_key)
+        try:
+            with self.connection() as conn:
+                row = conn.execute(
+                    f"SELECT new_balance, transaction_id, duplicate FROM public.{fn}(%s, %s, %s, %s, %s, %s)",
+                    (uid, amount, transaction_type, description, key, Jsonb(metadata or {})),
+                ).fetchone()
+        except InsufficientCredits:
+            self._record_failure(uid, amount, key)
+            raise
+        assert row is not None
+        return LedgerWrite(int(row[0]), int(row[1]), bool(row[2]))
+
+    def _record_failure(self, uid: uuid.UUID, amount: int, key: str | None) -> None:
+        log.warning("deduction refused: user %s asked for %s credits (key %s)", uid, amount, key)
+        try:
+            with self.connection() as conn:
+                conn.execute("SELECT public.record_failed_deduction(%s, %s, %s, %s)",
+                             (uid, amount, "insufficient_credits", key))
+        except Exception:  # the refusal stands; losing its record must not mask it
+            log.exception("could not record the failed deduction for user %s", uid)
+
+    def grant(self, user_id: uuid.UUID | str, amount: int, *, idempotency_key: str,
+              transaction_type: str = "adjustment", description: str | None = None,
+              metadata: dict[str, Any] | None = None) -> LedgerWrite:
+        """Add credits to a points user (the resolved id) under an idempotency key."""
+        return self._write("add_points", user_id, amount, transaction_type, description, idempotency_key, metadata)
+
+    def deduct(self, user_id: uuid.UUID | str, amount: int, *, idempotency_key: str,
+               transaction_type: str = "generation_deduction", description: str | None = None,
+               metadata: dict[str, Any] | None = None) -> LedgerWrite:
+        """Take credits; InsufficientCredits (recorded for the audit) when the balance does not cover it."""
+        return self._write("deduct_points", user_id, amount, transaction_type, description, idempotency_key, metadata)
+
+    # ---------------------------------------------------------------- reads
+
+    def balance(self, user_id: uuid.UUID | str) -> Balance:
+        uid = parse_uuid(user_id)
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT user_id, balance, lifetime_earned, lifetime_spent, updated_at "
+                "FROM public.points_balances WHERE user_id = %s", (uid,),
+            ).fetchone()
+        if row is None:
+            return Balance(uid, 0, 0, 0, None)
+        return Balance(row[0], int(row[1]), int(row[2]), int(row[3]), row[4])
+
+    def history(self, user_id: uuid.UUID | str, limit: int = 50) -> list[Transaction]:
+        uid = parse_uuid(user_id)
+        if not isinstance(limit, int) or not 0 < limit <= 10_000:
+            raise InvalidArgument("limit must be between 1 and 10000")
+        with self.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(
+                """SELECT id, user_id, amount, balance_after, transaction_type, description,
+                          idempotency_key, metadata, created_at
+                     FROM public.points_transactions WHERE user_id = %s ORDER BY id DESC LIMIT %s""",
+                (uid, limit),
+            ).fetchall()
+        return [Transaction(**r) for r in rows]
+
+    def subscription_of(self, bestauth_id: uuid.UUID) -> dict[str, Any] | None:
+        with self.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(
+                """SELECT id, tier, billing_cycle, status, current_period_start, current_period_end, metadata
+                     FROM public.subscriptions_consolidated WHERE user_id = %s""",
+                (bestauth_id,),
+            ).fetchone()
+
+    # ---------------------------------------------------------------- generations
+
+    def _paid_tier(self, bestauth_id: uuid.UUID) -> str:
+        sub = self.subscription_of(bestauth_id)
+        if sub and sub["status"] in PAID_STATUSES and sub["tier"] != "free":
+            if sub["tier"] not in self.config.tiers:
+                from ledger.errors import ConfigError
+
+                raise ConfigError(f"user {bestauth_id} has tier {sub['tier']!r}, which the configuration lacks")
+            return sub["tier"]
+        return "free"
+
+    def may_generate(self, bestauth_id: uuid.UUID | str, kind: str) -> GenerationCheck:
+        """Whether the user may start a generation of ``kind`` now (checked where the data is)."""
+        res = self.resolve_user_id(bestauth_id)
+        cost = self.config.generation_cost(kind)
+        tier = self._paid_tier(res.bestauth_user_id)
+        if tier == "free":
+            limit = self.config.free.daily_limit
+            with self.connection() as conn:
+                used = conn.execute(
+                    """SELECT count(*) FROM public.free_generation_claims
+                        WHERE user_id = %s AND day = (now() AT TIME ZONE 'UTC')::date""",
+                    (res.user_id,),
+                ).fetchone()[0]
+            remaining = max(limit - int(used), 0)
+            return GenerationCheck(remaining > 0, tier, 0, None, remaining,
+                                   "within the free daily limit" if remaining else "free daily limit reached")
+        bal = self.balance(res.user_id).balance
+        ok = bal >= cost
+        return GenerationCheck(ok, tier, cost, bal, None,
+                               "enough credits" if ok else f"needs {cost} credits, has {bal}")
+
+    def charge_generation(self, bestauth_id: uuid.UUID | str, kind: str, job_id: str) -> GenerationCharge:
+        """Charge one generation: the configured cost for paid tiers, a daily-limit claim for free users.
+
+        Idempotent per job id: a retried job is charged once.
+        """
+        res = self.resolve_user_id(bestauth_id)
+        key = check_key(job_id)
+        cost = self.config.generation_cost(kind)
+        tier = self._paid_tier(res.bestauth_user_id)
+        if tier == "free":
+            with self.connection() as conn:
+                allowed, used, limit, dup = conn.execute(
+                    "SELECT allowed, used_today, daily_limit, duplicate FROM public.claim_free_generation(%s, %s)",
+                    (res.user_id, key),
+                ).fetchone()
+            if not allowed:
+                self._record_failure(res.user_id, 1, f"free:{key}")
+                raise InsufficientCredits(f"free daily limit of {limit} generations reached",
+                                          user_id=str(res.user_id), balance=0, requested=1)
+            return GenerationCharge(tier, 0, bool(dup), None, None, int(used))
+        write = self.deduct(res.user_id, cost, idempotency_key=f"generation:{key}",
+                            description=f"{kind} generation", metadata={"job_id": key, "kind": kind})
+        return GenerationCharge(tier, cost, write.duplicate, write.new_balance, write.transaction_id, None)
+
+    # ---------------------------------------------------------------- subscriptions
+
+    def handle_subscription_event(self, event: "SubscriptionEvent") -> "SubscriptionEventResult":
+        """The webhook's entry point; see ledger.subscriptions."""
+        from ledger.subscriptions import handle_subscription_event
+
+        return handle_subscription_event(self, event)
+
+
+from ledger.subscriptions import SubscriptionEvent, SubscriptionEventResult  # noqa: E402  (type names only)
