@@ -92,7 +92,7 @@ def translate(exc: Exception) -> Exception:
         except ValueError:
             pass
         err: CreditError = InsufficientCredits(
-            message, user_id=detail.get("user_id"), balance=detail.get("balance"), requested=detail.get("requested")
+            message, user_id=detail.get("user_id"), balance=detail.get("spendable"), requested=detail.get("requested")
         )
     else:
         err = cls(message)

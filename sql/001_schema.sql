@@ -36,6 +36,8 @@ CREATE TABLE public.points_balances (
     balance          bigint NOT NULL DEFAULT 0 CHECK (balance >= 0),
     lifetime_earned  bigint NOT NULL DEFAULT 0 CHECK (lifetime_earned >= 0),
     lifetime_spent   bigint NOT NULL DEFAULT 0 CHECK (lifetime_spent >= 0),
+    -- credits held by active reservations (two-phase charges); spendable = balance - reserved
+    reserved         bigint NOT NULL DEFAULT 0 CHECK (reserved >= 0 AND reserved <= balance),
     updated_at       timestamptz NOT NULL DEFAULT now()
 ) WITH (fillfactor = 80);  -- room for HOT updates on a hot balance row
 

@@ -91,7 +91,7 @@ BEGIN
     ELSE
         UPDATE public.points_balances b
            SET balance = b.balance - v_abs, lifetime_spent = b.lifetime_spent + v_abs, updated_at = now()
-         WHERE b.user_id = p_user_id AND b.balance >= v_abs
+         WHERE b.user_id = p_user_id AND b.balance - b.reserved >= v_abs
         RETURNING b.balance INTO v_new;
         IF NOT FOUND THEN
             -- a concurrent caller may have used this key while we waited for the row lock
@@ -99,10 +99,10 @@ BEGIN
                 RETURN QUERY SELECT * FROM public.ledger_replay(v_key, p_user_id, p_delta, p_transaction_type);
                 IF FOUND THEN RETURN; END IF;
             END IF;
-            SELECT b.balance INTO v_have FROM public.points_balances b WHERE b.user_id = p_user_id;
-            RAISE EXCEPTION 'insufficient credits: user % has %, needs %', p_user_id, coalesce(v_have, 0), v_abs
+            SELECT b.balance - b.reserved INTO v_have FROM public.points_balances b WHERE b.user_id = p_user_id;
+            RAISE EXCEPTION 'insufficient credits: user % has % spendable, needs %', p_user_id, coalesce(v_have, 0), v_abs
                 USING ERRCODE = 'CR001',
-                      DETAIL = json_build_object('user_id', p_user_id, 'balance', coalesce(v_have, 0),
+                      DETAIL = json_build_object('user_id', p_user_id, 'spendable', coalesce(v_have, 0),
                                                  'requested', v_abs)::text;
         END IF;
     END IF;
