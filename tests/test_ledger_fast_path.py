@@ -1,0 +1,180 @@
+"""sql/008's deduct_points fast path answers exactly as 002's deduct_points did.
+
+The 002 definition is loaded next to the live one as ``deduct_points_002``; both run the same calls
+on the same state (each in a rolled-back transaction) over a matrix of users, keys, amounts and
+types, and must agree on the result or the error (SQLSTATE, message, detail), the balance row and
+the ledger rows. The races that touch the fast path's own conflict handling run with real threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from ledger.migrate import SQL_DIR
+from tests.factories import balance_row, count_rows, ledger_sum
+
+MAX = 1_000_000  # CreditsConfig's default max_operation_amount, synced by migrate
+
+
+def _install_reference(conn: psycopg.Connection) -> None:
+    text = (SQL_DIR / "002_ledger_functions.sql").read_text(encoding="utf-8")
+    m = re.search(r"CREATE FUNCTION public\.deduct_points\(.*?END \$\$;", text, re.S)
+    assert m, "002 no longer defines deduct_points the way this test reads it"
+    conn.execute(m.group(0).replace("public.deduct_points(", "public.deduct_points_002(", 1))
+
+
+def _reserve(conn: psycopg.Connection, uid: uuid.UUID, amount: int) -> None:
+    """Hold credits the way the installed schema does it (003's reserve_points when present)."""
+    has_reserve = conn.execute("SELECT to_regprocedure('public.reserve_points(uuid,bigint,text,integer,jsonb)')"
+                               ).fetchone()[0]
+    if has_reserve:
+        conn.execute("SELECT * FROM public.reserve_points(%s, %s, %s)", (uid, amount, f"hold:{uid}"))
+    else:
+        conn.execute("UPDATE public.points_balances SET reserved = %s WHERE user_id = %s", (amount, uid))
+
+
+def _snapshot(conn: psycopg.Connection, users: list[uuid.UUID]) -> tuple[Any, Any]:
+    balances = conn.execute(
+        """SELECT user_id, balance, lifetime_earned, lifetime_spent, reserved FROM public.points_balances
+            WHERE user_id = ANY(%s) ORDER BY user_id""", (users,)).fetchall()
+    rows = conn.execute(
+        """SELECT user_id, amount, balance_after, transaction_type, description,
+                  CASE WHEN idempotency_key LIKE 'auto:%%' THEN 'auto:' ELSE idempotency_key END, metadata
+             FROM public.points_transactions WHERE user_id = ANY(%s) ORDER BY id""", (users,)).fetchall()
+    return balances, rows
+
+
+def _call(conn: psycopg.Connection, fn: str, args: tuple, prior: tuple | None,
+          users: list[uuid.UUID]) -> tuple[Any, Any]:
+    """Outcome of one call, in a transaction that is rolled back afterwards."""
+    with conn.transaction(force_rollback=True):
+        if prior is not None:  # an earlier write with this key (always through the 002 function)
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT * FROM public.deduct_points_002(%s, %s, %s, %s, %s, %s)", prior)
+            except psycopg.Error:
+                pass
+        try:
+            with conn.transaction():
+                row = conn.execute(f"SELECT * FROM public.{fn}(%s, %s, %s, %s, %s, %s)", args).fetchone()
+            # transaction ids differ between the runs (sequences do not roll back): name the row instead
+            key = conn.execute("SELECT idempotency_key, user_id, amount FROM public.points_transactions "
+                               "WHERE id = %s", (row[1],)).fetchone()
+            if key and key[0].startswith("auto:"):
+                key = ("auto:", key[1], key[2])
+            outcome: Any = ("ok", row[0], key, row[2])
+        except psycopg.Error as exc:
+            outcome = ("error", exc.sqlstate, exc.diag.message_primary, exc.diag.message_detail)
+        return outcome, _snapshot(conn, users)
+
+
+@pytest.fixture
+def world(conn: psycopg.Connection) -> dict[str, Any]:
+    """Users in every state the fast path must tell apart, and a key another user already holds."""
+    _install_reference(conn)
+    users = {name: uuid.uuid4() for name in ("none", "funded", "reserved", "broke", "rich", "other")}
+    for name, amount in (("funded", 100), ("reserved", 100), ("broke", 5), ("rich", MAX), ("rich", MAX),
+                         ("other", 50)):
+        conn.execute("SELECT * FROM public.add_points(%s, %s, 'adjustment', 'seed', %s)",
+                     (users[name], amount, f"seed:{name}:{uuid.uuid4()}"))
+    _reserve(conn, users["reserved"], 60)
+    conn.execute("SELECT * FROM public.deduct_points_002(%s, 10, 'generation_deduction', 'taken', 'k-taken')",
+                 (users["other"],))
+    return users
+
+
+AMOUNTS = [10, 40, 41, 100, 101, 0, -5, None, MAX + 1]
+TYPES = ["generation_deduction", "adjustment", "subscription_grant", "nope", None]
+KEYS = ["new", "retry", "retry_other_amount", "retry_other_type", "taken", None, "", "x" * 513]
+
+
+def test_fast_path_agrees_with_002_on_every_case(conn: psycopg.Connection, world: dict[str, Any]) -> None:
+    states = ["none", "funded", "reserved", "broke", "rich", None]  # rich: covers more than the maximum
+    checked = Counter()
+    for state, amount, ttype, key in itertools.product(states, AMOUNTS, TYPES, KEYS):
+        uid = world[state] if state else None
+        watch = [u for u in world.values()]
+        meta = Jsonb({"case": f"{state}:{amount}:{ttype}"})
+        prior = None
+        k = key
+        if key in ("new", "retry", "retry_other_amount", "retry_other_type"):
+            k = f"k-{key}"
+        elif key == "taken":
+            k = "k-taken"
+        if key == "retry":
+            prior = (uid, amount, ttype, "d", k, meta)
+        elif key == "retry_other_amount":
+            prior = (uid, 7, "generation_deduction", "d", k, meta)
+        elif key == "retry_other_type":
+            prior = (uid, amount, "adjustment", "d", k, meta)
+        args = (uid, amount, ttype, "d", k, meta)
+        ref = _call(conn, "deduct_points_002", args, prior, watch)
+        new = _call(conn, "deduct_points", args, prior, watch)
+        assert new == ref, f"state={state} amount={amount} type={ttype} key={key!r}"
+        checked[ref[0][0] if ref[0][0] == "ok" else ref[0][1]] += 1
+    # the matrix reaches the fast path, its conflict handling and every refusal
+    assert checked["ok"] >= 40 and {"CR001", "CR002", "CR003", "CR004"} <= set(checked), checked
+
+
+def test_retry_on_the_fast_path_leaves_balance_and_ledger_as_they_were(conn: psycopg.Connection) -> None:
+    uid = uuid.uuid4()
+    conn.execute("SELECT * FROM public.add_points(%s, 100, 'subscription_grant', 's', 's')", (uid,))
+    first = conn.execute("SELECT * FROM public.deduct_points(%s, 30, 'generation_deduction', 'g', 'job-1')",
+                         (uid,)).fetchone()
+    again = conn.execute("SELECT * FROM public.deduct_points(%s, 30, 'generation_deduction', 'g', 'job-1')",
+                         (uid,)).fetchone()
+    assert first[2] is False and again == (first[0], first[1], True)
+    assert balance_row(conn, uid) == (70, 100, 30)
+    assert count_rows(conn, "points_transactions") == 2
+    with pytest.raises(psycopg.Error) as exc:  # same key, other amount: a caller bug
+        conn.execute("SELECT * FROM public.deduct_points(%s, 31, 'generation_deduction', 'g', 'job-1')", (uid,))
+    assert exc.value.sqlstate == "CR002"
+    assert balance_row(conn, uid) == (70, 100, 30)
+
+
+def test_reserved_credits_are_not_spendable(conn: psycopg.Connection) -> None:
+    uid = uuid.uuid4()
+    conn.execute("SELECT * FROM public.add_points(%s, 100, 'subscription_grant', 's', 's')", (uid,))
+    _reserve(conn, uid, 80)
+    with pytest.raises(psycopg.Error) as exc:
+        conn.execute("SELECT * FROM public.deduct_points(%s, 21, 'generation_deduction', 'g', 'd1')", (uid,))
+    assert exc.value.sqlstate == "CR001"
+    bal = conn.execute("SELECT * FROM public.deduct_points(%s, 20, 'generation_deduction', 'g', 'd2')",
+                       (uid,)).fetchone()[0]
+    assert bal == 80
+
+
+def test_same_key_for_different_funded_users_deducting_at_once(db_url: str, conn: psycopg.Connection) -> None:
+    """Every racer passes the fast UPDATE; the unique key picks one winner, the rest undo and get CR002."""
+    users = [uuid.uuid4() for _ in range(8)]
+    for u in users:
+        conn.execute("SELECT * FROM public.add_points(%s, 100, 'adjustment', 's', %s)", (u, f"seed:{u}"))
+    barrier = threading.Barrier(len(users))
+
+    def run(n: int) -> str:
+        with psycopg.connect(db_url, autocommit=True) as c:
+            barrier.wait()
+            try:
+                c.execute("SELECT * FROM public.deduct_points(%s, 10, 'generation_deduction', 'x', 'shared')",
+                          (users[n],))
+                return "ok"
+            except psycopg.Error as exc:
+                return exc.sqlstate or "?"
+
+    with ThreadPoolExecutor(len(users)) as pool:
+        outcomes = Counter(pool.map(run, range(len(users))))
+    assert outcomes == Counter({"ok": 1, "CR002": 7})
+    for u in users:
+        bal, earned, spent = balance_row(conn, u)
+        assert bal == ledger_sum(conn, u) == earned - spent
+    assert sorted(balance_row(conn, u)[0] for u in users) == [90] + [100] * 7
