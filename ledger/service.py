@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg.rows import dict_row
@@ -35,6 +35,12 @@ from ledger.ids import is_uuid, normalize_email, parse_uuid
 log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 512
+
+# One fixed text per writer: psycopg prepares it server-side after a few uses on each connection.
+_WRITE_SQL = {fn: f"SELECT new_balance, transaction_id, duplicate FROM public.{fn}(%s, %s, %s, %s, %s, %s)"
+              for fn in ("add_points", "deduct_points")}
+_NO_METADATA = Jsonb({})
+_CURSOR_ATTR = "_credit_recon_cursor"
 
 
 @dataclass(frozen=True)
@@ -151,15 +157,42 @@ class Ledger:
         try:
             with self.pool.connection() as conn:
                 yield conn
-        except psycopg.OperationalError as exc:
-            if getattr(exc, "sqlstate", None):
-                raise translate(exc) from exc
-            raise DatabaseUnavailable(f"lost the database at {db.describe_url(self.url)}: {exc}") from exc
         except psycopg.Error as exc:
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+            self._raise_translated(exc)
+
+    def _raise_translated(self, exc: psycopg.Error) -> NoReturn:
+        if isinstance(exc, psycopg.OperationalError) and not getattr(exc, "sqlstate", None):
+            raise DatabaseUnavailable(f"lost the database at {db.describe_url(self.url)}: {exc}") from exc
+        translated = translate(exc)
+        if translated is exc:
+            raise exc
+        raise translated from exc
+
+    def _fetchone(self, query: str, params: tuple[Any, ...]) -> Any:
+        """One autocommit statement on a pooled connection: the writes' hot path.
+
+        Same pool, same error translation as ``connection()``, without its two generator-based
+        context managers and with the connection's cursor reused: together about a third of the
+        module's CPU per deduction with 8 threads (benchmarks/ledger_throughput.py). The cursor lives
+        on its connection (a pooled connection, and so its cursor, serves one thread at a time) and
+        goes with it when the pool drops the connection.
+        """
+        pool = self.pool
+        try:
+            conn = pool.getconn()
+            try:
+                cur = getattr(conn, _CURSOR_ATTR, None)
+                if cur is None:
+                    cur = conn.cursor()
+                    setattr(conn, _CURSOR_ATTR, cur)
+                if conn.autocommit:  # db.open_pool's connections: the call is its own transaction
+                    return cur.execute(query, params).fetchone()
+                with conn.transaction():  # a caller's non-autocommit pool: commit, as connection() would
+                    return cur.execute(query, params).fetchone()
+            finally:
+                pool.putconn(conn)
+        except psycopg.Error as exc:
+            self._raise_translated(exc)
 
     # ---------------------------------------------------------------- id resolution
 
@@ -237,11 +270,8 @@ class Ledger:
         amount = check_amount(amount, self.config)
         key = check_key(idempotency_key)
         try:
-            with self.connection() as conn:
-                row = conn.execute(
-                    f"SELECT new_balance, transaction_id, duplicate FROM public.{fn}(%s, %s, %s, %s, %s, %s)",
-                    (uid, amount, transaction_type, description, key, Jsonb(metadata or {})),
-                ).fetchone()
+            row = self._fetchone(_WRITE_SQL[fn], (uid, amount, transaction_type, description, key,
+                                                  Jsonb(metadata) if metadata else _NO_METADATA))
         except InsufficientCredits:
             self._record_failure(uid, amount, key)
             raise

@@ -178,3 +178,65 @@ def test_same_key_for_different_funded_users_deducting_at_once(db_url: str, conn
         bal, earned, spent = balance_row(conn, u)
         assert bal == ledger_sum(conn, u) == earned - spent
     assert sorted(balance_row(conn, u)[0] for u in users) == [90] + [100] * 7
+
+
+# ------------------------------------------------------------------ the module's write path (Ledger._fetchone)
+
+
+def test_one_pooled_connection_serves_refusals_conflicts_and_writes_in_turn(db_url: str,
+                                                                          conn: psycopg.Connection) -> None:
+    """The reused cursor carries nothing from one call to the next, errors included."""
+    from ledger import IdempotencyConflict, InsufficientCredits, Ledger
+    from ledger.config import CreditsConfig
+
+    uid = uuid.uuid4()
+    with Ledger.connect(db_url, CreditsConfig(), migrate=False, max_size=1) as led:
+        assert led.grant(uid, 10, idempotency_key="g").new_balance == 10
+        with pytest.raises(InsufficientCredits):
+            led.deduct(uid, 11, idempotency_key="d1")
+        first = led.deduct(uid, 4, idempotency_key="d2", metadata={"job_id": "j"})
+        with pytest.raises(IdempotencyConflict):
+            led.deduct(uid, 5, idempotency_key="d2")
+        assert led.deduct(uid, 4, idempotency_key="d2") == type(first)(6, first.transaction_id, True)
+        assert led.balance(uid).balance == 6
+    assert conn.execute("SELECT count(*) FROM public.points_deduction_failures").fetchone()[0] == 1
+    assert conn.execute("SELECT metadata FROM public.points_transactions WHERE idempotency_key = 'd2'"
+                        ).fetchone()[0] == {"job_id": "j"}
+    assert conn.execute("SELECT metadata FROM public.points_transactions WHERE idempotency_key = 'g'"
+                        ).fetchone()[0] == {}
+
+
+def test_a_killed_connection_fails_one_call_and_the_next_gets_a_new_one(db_url: str,
+                                                                        conn: psycopg.Connection) -> None:
+    from ledger import DatabaseUnavailable, Ledger
+    from ledger.config import CreditsConfig
+
+    uid = uuid.uuid4()
+    with Ledger.connect(db_url, CreditsConfig(), migrate=False, max_size=1) as led:
+        led.grant(uid, 10, idempotency_key="g")
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        # the driver's error (AdminShutdown, 57P01) or DatabaseUnavailable, as before the fast path
+        with pytest.raises((psycopg.Error, DatabaseUnavailable)):
+            led.deduct(uid, 1, idempotency_key="d1")
+        assert led.deduct(uid, 1, idempotency_key="d1").new_balance == 9  # retry on a fresh connection
+    assert ledger_sum(conn, uid) == 9
+
+
+def test_a_non_autocommit_pool_still_commits_each_write(db_url: str, conn: psycopg.Connection) -> None:
+    from psycopg_pool import ConnectionPool
+
+    from ledger import Ledger
+    from ledger.config import CreditsConfig
+
+    uid = uuid.uuid4()
+    pool = ConnectionPool(db_url, min_size=1, max_size=1, open=True)  # autocommit off
+    try:
+        led = Ledger(pool, CreditsConfig(), db_url)
+        led.grant(uid, 10, idempotency_key="g")
+        led.deduct(uid, 3, idempotency_key="d")
+        with pool.connection() as c:
+            assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    finally:
+        pool.close()
+    assert balance_row(conn, uid) == (7, 10, 3)  # seen from another session: committed
