@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): timings measured against a baseline taken in the same run."""
