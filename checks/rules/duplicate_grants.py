@@ -1,0 +1,97 @@
+"""duplicate_grants [critical]: no subscription period is granted more than once.
+
+A period's grants are the rows under its period key plus rows whose metadata names the same
+subscription and period (a webhook retry under its own key); a renewal granting the *next* period is
+another period and never a duplicate. The audit's own reversals (``reconciliation_fix`` rows naming
+``reverses_transaction_id``) count against their period, so a reversed duplicate stops being one.
+
+The fix reverses the extra grant(s) with a ``reconciliation_fix`` row each (the one under the period
+key is kept: it blocks future re-grants), only while the user still holds the duplicated credits. A
+duplicate already spent is left for a person: taking it back would overdraw the user.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from checks.findings import Finding
+from checks.gx_adapter import expectations as gxe
+from checks.rules.base import Rule, opt
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def _parse_rows(text: Any) -> list[tuple[int, int, bool]]:
+    if not isinstance(text, str) or not text:
+        return []
+    out = []
+    for part in text.split():
+        tx, amount, canonical = part.split(":")
+        out.append((int(tx), int(amount), canonical == "1"))
+    return out
+
+
+class DuplicateGrants(Rule):
+    id_columns = ("subscription_id", "period_date")
+
+    def frame(self, state: "pd.DataFrame", snapshot: Any, config: Any) -> "pd.DataFrame":
+        pg = snapshot.table("period_grants")
+        pg = pg[pg["subscription_id"].notna() & pg["period_date"].notna()]
+        per = pg.groupby(["subscription_id", "period_date"], sort=False, as_index=False).agg(
+            grants=("grants", "sum"), reversals=("reversals", "sum"), holders=("user_id", "nunique"))
+        per["net_grants"] = per["grants"] - per["reversals"]
+        subs = snapshot.table("subscriptions")[["subscription_id", "bestauth_user_id"]]
+        return per.merge(subs, on="subscription_id", how="left")
+
+    def expectations(self, config: Any, snapshot: Any = None) -> list:
+        return [gxe().ExpectColumnValuesToBeBetween(column="net_grants", max_value=1)]
+
+    def findings_for(self, rows: "pd.DataFrame", failed: dict[int, list[str]], config: Any,
+                     snapshot: Any) -> list[Finding]:
+        pg = snapshot.table("period_grants")
+        keys = set(zip(rows["subscription_id"], rows["period_date"], strict=True))
+        detail = pg[[k in keys for k in zip(pg["subscription_id"], pg["period_date"], strict=True)]]
+        balances = snapshot.table("points_balances").set_index("user_id")
+        out = []
+        for row in rows.to_dict("records"):
+            groups = detail[(detail["subscription_id"] == row["subscription_id"])
+                            & (detail["period_date"] == row["period_date"])]
+            holders = sorted(set(groups["user_id"]))
+            grant_rows: list[tuple[int, int, bool]] = []
+            reversed_ids: set[int] = set()
+            for g in groups.to_dict("records"):
+                grant_rows += _parse_rows(g["grant_rows"])
+                reversed_ids |= {int(x) for x in str(opt(g["reversed_ids"]) or "").split() if x.isdigit()}
+            grant_rows.sort()
+            live_rows = [r for r in grant_rows if r[0] not in reversed_ids]
+            keep = next((r for r in live_rows if r[2]), live_rows[0] if live_rows else None)
+            extra = [r for r in live_rows if r is not keep]
+            uid = holders[0] if len(holders) == 1 else None
+            found = {"period": row["period_date"], "grants": int(row["grants"]), "reversed": int(row["reversals"]),
+                     "transactions": [r[0] for r in grant_rows]}
+            expected = {"period": row["period_date"], "grants": 1}
+            finding_row = {"bestauth_user_id": row.get("bestauth_user_id"), "user_id": uid or ",".join(holders)}
+            extra_amount = sum(r[1] for r in extra)
+            fix, reason, params = None, None, None
+            if uid is None:
+                reason = f"the period was granted to {len(holders)} different points ids: a person must decide"
+            else:
+                spendable = 0
+                if uid in balances.index:
+                    spendable = int(balances.at[uid, "balance"]) - int(balances.at[uid, "reserved"])
+                if spendable < extra_amount:
+                    reason = (f"duplicate grant already spent: the user holds {spendable} spendable credits, "
+                              f"reversing {extra_amount} would overdraw: a person must decide")
+                else:
+                    fix = "reverse_duplicate_grant"
+                    params = {"user_id": uid, "subscription_id": row["subscription_id"],
+                              "period_date": row["period_date"], "kept_transaction_id": keep[0] if keep else None,
+                              "reverse": [{"transaction_id": r[0], "amount": r[1]} for r in extra]}
+            out.append(self.finding(finding_row, expected=expected, found=found, fix=fix, reason=reason,
+                                    params=params))
+        return out
+
+
+RULE = DuplicateGrants(id="duplicate_grants", severity="critical", family="funding", fixable=True,
+                       description="no subscription period is granted more than once")

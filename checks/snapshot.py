@@ -1,0 +1,279 @@
+"""Consistent, set-based reads of the five tables into pandas frames.
+
+Why this shape:
+
+- One moment. Every frame is read inside REPEATABLE READ, READ ONLY transactions that share one
+  exported snapshot (``pg_export_snapshot``), so rules never compare a balance read before a write with
+  a ledger read after it, while the two heavy reads still run on two server cores at once.
+- Server-side work. The ledger (millions of rows) never leaves the server row by row: it arrives
+  aggregated per user (sums, lifetime totals, ``balance_after`` chain breaks via a window) and per
+  subscription period (grant counts). Metadata ids are validated as UUIDs in SQL.
+- COPY. Each frame is one ``COPY (SELECT ...) TO STDOUT`` in CSV, parsed by pandas' C reader: the
+  fastest path from PostgreSQL into a DataFrame available here (no per-row Python objects).
+
+These are plain functions so the Dagster assets can wrap them one frame per asset.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import sql
+
+from ledger import db
+from ledger.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TABLES: tuple[str, ...] = (
+    "bestauth_users", "user_id_mapping", "subscriptions", "points_balances",
+    "ledger_by_user", "period_grants", "failed_deductions",
+)
+
+# an ISO timestamp or date we can cast without risking an error that would abort the snapshot
+_ISO_RE = (r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+           r"([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)?)?$")
+
+# name -> (SQL, {column: dtype}, [timestamp columns]). %(as_of)s is the ledger cut-off (the snapshot's
+# own now() when not given), %(ref)s the end of the failure window.
+_QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
+    "bestauth_users": (
+        "SELECT u.id::text AS bestauth_user_id, u.email, u.created_at FROM public.bestauth_users u",
+        {"bestauth_user_id": "str", "email": "str"}, ["created_at"],
+    ),
+    "user_id_mapping": (
+        """SELECT m.bestauth_user_id::text AS bestauth_user_id, m.supabase_user_id::text AS mapped_user_id
+             FROM public.user_id_mapping m""",
+        {"bestauth_user_id": "str", "mapped_user_id": "str"}, [],
+    ),
+    "subscriptions": (
+        """SELECT s.id::text AS subscription_id, s.user_id::text AS bestauth_user_id, s.tier, s.billing_cycle,
+                  s.status, s.current_period_start, s.current_period_end,
+                  to_char(s.current_period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS period_date,
+                  left(s.metadata ->> 'resolved_supabase_user_id', 100) AS meta_resolved_raw,
+                  public.uuid_or_null(s.metadata ->> 'resolved_supabase_user_id')::text AS meta_resolved_id,
+                  public.uuid_or_null(s.metadata ->> 'supabase_user_id')::text AS meta_supabase_id,
+                  public.uuid_or_null(s.metadata ->> 'original_userId')::text AS meta_original_id
+             FROM public.subscriptions_consolidated s""",
+        {"subscription_id": "str", "bestauth_user_id": "str", "tier": "str", "billing_cycle": "str",
+         "status": "str", "period_date": "str", "meta_resolved_raw": "str", "meta_resolved_id": "str",
+         "meta_supabase_id": "str", "meta_original_id": "str"},
+        ["current_period_start", "current_period_end"],
+    ),
+    "points_balances": (
+        """SELECT b.user_id::text AS user_id, b.balance, b.lifetime_earned, b.lifetime_spent, b.reserved
+             FROM public.points_balances b""",
+        {"user_id": "str", "balance": "int64", "lifetime_earned": "int64", "lifetime_spent": "int64",
+         "reserved": "int64"}, [],
+    ),
+    # per-user ledger aggregates; a chain break is a row whose balance_after is not the previous row's
+    # balance_after plus its amount (the first row: its amount), in write (id) order
+    "ledger_by_user": (
+        """SELECT t.user_id::text AS user_id, count(*) AS ledger_rows, sum(t.amount) AS ledger_sum,
+                  coalesce(sum(t.amount) FILTER (WHERE t.amount > 0), 0) AS ledger_earned,
+                  coalesce(-sum(t.amount) FILTER (WHERE t.amount < 0), 0) AS ledger_spent,
+                  count(*) FILTER (WHERE t.balance_after <> coalesce(t.prev_after, 0) + t.amount) AS chain_breaks,
+                  min(t.id) FILTER (WHERE t.balance_after <> coalesce(t.prev_after, 0) + t.amount) AS first_break_id,
+                  max(t.balance_after) FILTER (WHERE t.next_id IS NULL) AS last_balance_after,
+                  max(t.id) AS last_transaction_id
+             FROM (SELECT p.user_id, p.id, p.amount, p.balance_after,
+                          lag(p.balance_after) OVER w AS prev_after, lead(p.id) OVER w AS next_id
+                     FROM public.points_transactions p
+                    WHERE p.created_at <= %(as_of)s
+                   WINDOW w AS (PARTITION BY p.user_id ORDER BY p.id)) t
+            GROUP BY t.user_id""",
+        {"user_id": "str", "ledger_rows": "int64", "ledger_sum": "int64", "ledger_earned": "int64",
+         "ledger_spent": "int64", "chain_breaks": "int64", "first_break_id": "Int64",
+         "last_balance_after": "int64", "last_transaction_id": "int64"}, [],
+    ),
+    # grants (and the audit's own reversals of duplicates) per subscription period. A row belongs to the
+    # period its key names (subscription_grant:<sub>:<date>), else to the one its metadata names
+    # (subscription_id + period_start: a webhook retry under another key); rows naming neither form a
+    # group with empty subscription and period. grant_rows: "id:amount:canonical" per grant, in id order.
+    "period_grants": (
+        """SELECT t.user_id::text AS user_id, g.subscription_id, g.period_date,
+                  count(*) FILTER (WHERE t.transaction_type = 'subscription_grant') AS grants,
+                  coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'subscription_grant'), 0) AS granted,
+                  count(*) FILTER (WHERE t.transaction_type = 'reconciliation_fix') AS reversals,
+                  coalesce(-sum(t.amount) FILTER (WHERE t.transaction_type = 'reconciliation_fix'), 0) AS reversed,
+                  coalesce(bool_or(t.idempotency_key = 'subscription_grant:' || g.subscription_id || ':'
+                                   || g.period_date), false) AS canonical,
+                  string_agg(t.id::text || ':' || t.amount::text || ':'
+                             || CASE WHEN t.idempotency_key LIKE 'subscription_grant:%%' THEN '1' ELSE '0' END,
+                             ' ' ORDER BY t.id) FILTER (WHERE t.transaction_type = 'subscription_grant') AS grant_rows,
+                  string_agg(t.metadata ->> 'reverses_transaction_id', ' ')
+                      FILTER (WHERE t.transaction_type = 'reconciliation_fix') AS reversed_ids,
+                  min(t.created_at) AS first_granted_at
+             FROM public.points_transactions t
+            CROSS JOIN LATERAL (
+                  SELECT CASE WHEN t.idempotency_key LIKE 'subscription_grant:%%'
+                              THEN lower(split_part(t.idempotency_key, ':', 2))
+                              ELSE lower(public.uuid_or_null(t.metadata ->> 'subscription_id')::text) END
+                             AS subscription_id,
+                         CASE WHEN t.idempotency_key LIKE 'subscription_grant:%%'
+                              THEN split_part(t.idempotency_key, ':', 3)
+                              WHEN t.metadata ->> 'period_start' ~ %(iso)s
+                              THEN to_char((t.metadata ->> 'period_start')::timestamptz AT TIME ZONE 'UTC',
+                                           'YYYY-MM-DD') END AS period_date) g
+            WHERE (t.transaction_type = 'subscription_grant'
+                   OR (t.transaction_type = 'reconciliation_fix' AND t.metadata ? 'reverses_transaction_id'))
+              AND t.created_at <= %(as_of)s
+            GROUP BY t.user_id, g.subscription_id, g.period_date""",
+        {"user_id": "str", "subscription_id": "str", "period_date": "str", "grants": "int64",
+         "granted": "int64", "reversals": "int64", "reversed": "int64", "canonical": "bool",
+         "grant_rows": "str", "reversed_ids": "str"}, ["first_granted_at"],
+    ),
+    "failed_deductions": (
+        """SELECT f.user_id::text AS user_id, count(*) AS failures_last_hour, sum(f.amount) AS failed_amount,
+                  max(f.created_at) AS last_failure_at
+             FROM public.points_deduction_failures f
+            WHERE f.created_at > %(ref)s::timestamptz - interval '1 hour' AND f.created_at <= %(ref)s
+            GROUP BY f.user_id""",
+        {"user_id": "str", "failures_last_hour": "int64", "failed_amount": "int64"}, ["last_failure_at"],
+    ),
+}
+
+# the two heavy reads go first, one per server core; the light ones follow on whichever finishes first
+_ORDER = ("ledger_by_user", "period_grants", "subscriptions", "bestauth_users", "user_id_mapping",
+          "points_balances", "failed_deductions")
+
+Progress = Callable[[str, int, float], None]  # (frame name, rows, seconds)
+
+
+@dataclass
+class Snapshot:
+    """The frames one audit sees, all as of the same database moment."""
+
+    taken_at: datetime
+    as_of: datetime | None
+    frames: dict[str, "pd.DataFrame"] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def table(self, name: str) -> "pd.DataFrame":
+        try:
+            return self.frames[name]
+        except KeyError:
+            raise KeyError(f"snapshot has no frame {name!r} (has: {', '.join(self.frames)})") from None
+
+    @property
+    def cutoff(self) -> datetime:
+        """The instant the ledger was read up to."""
+        return self.as_of or self.taken_at
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(frame) for name, frame in self.frames.items()}
+
+
+def _read_frame(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> "pd.DataFrame":
+    import pandas as pd
+
+    query, dtypes, dates = _QUERIES[name]
+    buf = io.BytesIO()
+    with conn.cursor() as cur:
+        copy_sql = f"COPY ({query}) TO STDOUT WITH (FORMAT csv, HEADER true)"
+        with cur.copy(copy_sql, params) as copy:  # psycopg binds COPY parameters client-side
+            for chunk in copy:
+                buf.write(chunk)
+    buf.seek(0)
+    bools = [c for c, t in dtypes.items() if t == "bool"]
+    frame = pd.read_csv(
+        buf, dtype={c: t for c, t in dtypes.items() if t != "bool"}, keep_default_na=False,
+        na_values={c: [""] for c in dtypes if dtypes[c] != "str"} | {c: [""] for c in dates},
+        true_values=["t"], false_values=["f"],
+    )
+    for col, typ in dtypes.items():
+        if typ == "str":  # empty CSV field = NULL: keep None (not "") so not-null expectations see it
+            frame[col] = frame[col].where(frame[col] != "", None)
+    for col in bools:
+        frame[col] = frame[col].astype(bool)
+    for col in dates:
+        frame[col] = pd.to_datetime(frame[col], utc=True, format="ISO8601")
+    return frame
+
+
+def _begin(conn: psycopg.Connection, snapshot_id: str | None = None) -> None:
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    if snapshot_id is not None:
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+
+
+def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[str] | None = None,
+                  progress: Progress | None = None, workers: int = 2) -> Snapshot:
+    """Read the named frames (default: all of SNAPSHOT_TABLES) as of one database moment.
+
+    ``as_of`` cuts the ledger and the failure window at that instant (rows created after it are not
+    seen); the other tables hold no history and are read as they are now.
+    """
+    names = list(SNAPSHOT_TABLES if tables is None else tables)
+    unknown = [n for n in names if n not in _QUERIES]
+    if unknown:
+        raise InvalidArgument(f"unknown snapshot frame(s): {', '.join(unknown)} (known: {', '.join(SNAPSHOT_TABLES)})")
+    if as_of is not None and as_of.tzinfo is None:
+        raise InvalidArgument("as_of must be timezone-aware")
+    ordered = [n for n in _ORDER if n in names]
+    main = db.connect(url, autocommit=True)
+    others: list[psycopg.Connection] = []
+    try:
+        _begin(main)
+        snap_id, taken_at = main.execute("SELECT pg_export_snapshot(), now()").fetchone()
+        cutoff = as_of or taken_at
+        params = {"as_of": cutoff, "ref": cutoff, "iso": _ISO_RE}
+        n_workers = max(1, min(workers, len(ordered)))
+        conns = [main]
+        for _ in range(n_workers - 1):
+            extra = db.connect(url, autocommit=True)
+            others.append(extra)
+            _begin(extra, snap_id)
+            conns.append(extra)
+        snapshot = Snapshot(taken_at=taken_at, as_of=as_of)
+
+        # each worker thread owns one connection and pulls frames from a shared queue
+        import queue
+        todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for n in ordered:
+            todo.put(n)
+
+        def work(conn: psycopg.Connection) -> dict[str, tuple[Any, float]]:
+            done: dict[str, tuple[Any, float]] = {}
+            while True:
+                try:
+                    name = todo.get_nowait()
+                except queue.Empty:
+                    return done
+                t0 = time.perf_counter()
+                frame = _read_frame(conn, name, params)
+                elapsed = time.perf_counter() - t0
+                done[name] = (frame, elapsed)
+                log.debug("snapshot frame %s: %d rows in %.2fs", name, len(frame), elapsed)
+                if progress:
+                    progress(name, len(frame), elapsed)
+
+        with ThreadPoolExecutor(max_workers=len(conns), thread_name_prefix="snapshot") as pool:
+            results = list(pool.map(work, conns))
+        for done in results:
+            for name, (frame, elapsed) in done.items():
+                snapshot.frames[name] = frame
+                snapshot.timings[name] = elapsed
+        snapshot.frames = {n: snapshot.frames[n] for n in names}
+        return snapshot
+    except psycopg.OperationalError as exc:
+        from ledger.errors import DatabaseUnavailable
+        raise DatabaseUnavailable(f"snapshot read failed on {db.describe_url(url)}: {exc}") from None
+    finally:
+        for c in [*others, main]:
+            try:
+                c.execute("ROLLBACK")
+            except psycopg.Error:
+                pass
+            c.close()
