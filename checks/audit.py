@@ -135,15 +135,20 @@ def evaluate_rules(snapshot: "Snapshot", config: "CreditsConfig", rules: Iterabl
 
 def run_audit(url: str, config: "CreditsConfig", *, rules: Iterable[str] | None = None,
               as_of: datetime | None = None, snapshot: "Snapshot | None" = None,
-              progress: "Progress | None" = None) -> AuditReport:
-    """Audit every user (dry: nothing is written). The plan of fixes is on the report."""
-    from checks.snapshot import take_snapshot
+              progress: "Progress | None" = None, users: Iterable[str] | None = None) -> AuditReport:
+    """Audit every user (dry: nothing is written). The plan of fixes is on the report.
+
+    ``users`` (emails or ids) restricts the audit to those users' rows: the same rules on a smaller
+    snapshot (what `credits diagnose` and `credits audit --user` use).
+    """
+    from checks.snapshot import take_snapshot, user_filter_for
 
     chosen = select_rules(rules)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if snapshot is None:
-        snapshot = take_snapshot(url, as_of=as_of, progress=progress)
+        flt = user_filter_for(url, users) if users is not None else None
+        snapshot = take_snapshot(url, as_of=as_of, progress=progress, users=flt)
     timings["snapshot"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     from checks.state import user_state
@@ -174,13 +179,14 @@ def plan_fixes(report: AuditReport, *, rules: Iterable[str] | None = None) -> li
 
 def audit_and_fix(url: str, config: "CreditsConfig", *, live: bool = False, max_fixes: int | None = None,
                   rules: Iterable[str] | None = None, actor: str | None = None,
-                  progress: "Progress | None" = None, verify: bool = True,
+                  progress: "Progress | None" = None, verify: bool = True, users: Iterable[str] | None = None,
                   on_phase: Callable[[str], None] | None = None) -> AuditReport:
     """The audit, then (live only) the fixes, then (if any fix landed) a verifying audit.
 
     Raises FixCapExceeded for a live plan over the cap (nothing written).
     """
-    report = run_audit(url, config, rules=rules, progress=progress)
+    users = list(users) if users is not None else None
+    report = run_audit(url, config, rules=rules, progress=progress, users=users)
     if not live:
         return report
     cap = config.audit.max_fixes if max_fixes is None else max_fixes
@@ -195,5 +201,5 @@ def audit_and_fix(url: str, config: "CreditsConfig", *, live: bool = False, max_
     if verify and run.applied:
         if on_phase:
             on_phase("verifying")
-        report.after = run_audit(url, config, rules=list(report.results))
+        report.after = run_audit(url, config, rules=list(report.results), users=users)
     return report

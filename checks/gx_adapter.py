@@ -33,6 +33,9 @@ def gx():  # type: ignore[no-untyped-def]
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations
 
+    if not log.isEnabledFor(logging.DEBUG):  # GE pins some loggers to INFO; its chatter is not ours
+        for name in ("great_expectations", "great_expectations.data_context.types.base"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     return great_expectations
 
 

@@ -144,11 +144,95 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
     ),
 }
 
+
+# one user's (or a few users') rows only: diagnose and `audit --user`. %(bids)s BestAuth ids, %(uids)s
+# every points id that may hold their credits; both text arrays cast server-side.
+_FILTERS: dict[str, str] = {
+    "bestauth_users": "u.id = ANY(%(bids)s::uuid[])",
+    "user_id_mapping": "(m.bestauth_user_id = ANY(%(bids)s::uuid[]) OR m.supabase_user_id = ANY(%(uids)s::uuid[]))",
+    "subscriptions": "s.user_id = ANY(%(bids)s::uuid[])",
+    "points_balances": "b.user_id = ANY(%(uids)s::uuid[])",
+    "ledger_by_user": "p.user_id = ANY(%(uids)s::uuid[])",
+    "period_grants": "t.user_id = ANY(%(uids)s::uuid[])",
+    "failed_deductions": "f.user_id = ANY(%(uids)s::uuid[])",
+}
+_WHERE_ANCHORS: dict[str, tuple[str, str]] = {  # where the filter goes: (text to find, 'after'|'where')
+    "bestauth_users": ("FROM public.bestauth_users u", "where"),
+    "user_id_mapping": ("FROM public.user_id_mapping m", "where"),
+    "subscriptions": ("FROM public.subscriptions_consolidated s", "where"),
+    "points_balances": ("FROM public.points_balances b", "where"),
+    "ledger_by_user": ("WHERE p.created_at <= %(as_of)s", "and"),
+    "period_grants": ("AND t.created_at <= %(as_of)s", "and"),
+    "failed_deductions": ("AND f.created_at <= %(ref)s", "and"),
+}
+
+
+def _filtered(name: str) -> str:
+    query = _QUERIES[name][0]
+    anchor, how = _WHERE_ANCHORS[name]
+    assert anchor in query, name
+    extra = f" WHERE {_FILTERS[name]}" if how == "where" else f" AND {_FILTERS[name]}"
+    return query.replace(anchor, anchor + extra, 1)
+
 # the two heavy reads go first, one per server core; the light ones follow on whichever finishes first
 _ORDER = ("ledger_by_user", "period_grants", "subscriptions", "bestauth_users", "user_id_mapping",
           "points_balances", "failed_deductions")
 
 Progress = Callable[[str, int, float], None]  # (frame name, rows, seconds)
+
+
+@dataclass(frozen=True)
+class UserFilter:
+    """Whose rows a filtered snapshot reads: BestAuth ids, and every points id their credits may be under."""
+
+    bestauth_ids: frozenset[str]
+    points_ids: frozenset[str]
+
+
+def user_filter_for(url: str, refs: Iterable[str]) -> UserFilter:
+    """Resolve emails / BestAuth ids / points ids to a UserFilter (UnknownUser when one matches nothing).
+
+    The points ids are every id the evidence names: mapping, metadata keys, resolution, BestAuth id.
+    """
+    from ledger.errors import UnknownUser
+    from ledger.ids import is_uuid, normalize_email, parse_uuid
+
+    bids: set[str] = set()
+    orphans: set[str] = set()
+    with db.connect(url, autocommit=True) as conn:
+        for ref in refs:
+            ref = (ref or "").strip()
+            if "@" in ref:
+                email = normalize_email(ref)
+                row = conn.execute("SELECT id::text FROM public.bestauth_users WHERE email = %s", (email,)).fetchone()
+                if row is None:
+                    raise UnknownUser(f"no user with email {email}")
+                bids.add(row[0])
+            elif is_uuid(ref):
+                rows = conn.execute(
+                    """SELECT r.bestauth_user_id::text FROM public.user_id_resolution r
+                        WHERE r.bestauth_user_id = %(id)s OR r.user_id = %(id)s OR r.mapped_user_id = %(id)s
+                           OR r.metadata_user_id = %(id)s""", {"id": ref}).fetchall()
+                if rows:
+                    bids.update(r[0] for r in rows)
+                elif conn.execute("""SELECT 1 FROM public.points_balances WHERE user_id = %(id)s UNION ALL
+                                     SELECT 1 FROM public.points_transactions WHERE user_id = %(id)s LIMIT 1""",
+                                  {"id": ref}).fetchone():
+                    orphans.add(str(parse_uuid(ref)))  # credits under an id no BestAuth user resolves to
+                else:
+                    raise UnknownUser(f"no BestAuth user or points user with id {ref}")
+            else:
+                raise InvalidArgument(f"not an email or a UUID: {ref[:80]!r}")
+        rows = conn.execute(
+            """SELECT r.user_id::text, r.mapped_user_id::text,
+                      public.uuid_or_null(s.metadata ->> 'resolved_supabase_user_id')::text,
+                      public.uuid_or_null(s.metadata ->> 'supabase_user_id')::text,
+                      public.uuid_or_null(s.metadata ->> 'original_userId')::text
+                 FROM public.user_id_resolution r
+                 LEFT JOIN public.subscriptions_consolidated s ON s.user_id = r.bestauth_user_id
+                WHERE r.bestauth_user_id = ANY(%s::uuid[])""", (sorted(bids),)).fetchall()
+    pids = {v for row in rows for v in row if v} | orphans
+    return UserFilter(frozenset(bids), frozenset(pids))
 
 
 @dataclass
@@ -179,6 +263,8 @@ def _read_frame(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> 
     import pandas as pd
 
     query, dtypes, dates = _QUERIES[name]
+    if "bids" in params:
+        query = _filtered(name)
     buf = io.BytesIO()
     with conn.cursor() as cur:
         copy_sql = f"COPY ({query}) TO STDOUT WITH (FORMAT csv, HEADER true)"
@@ -209,11 +295,13 @@ def _begin(conn: psycopg.Connection, snapshot_id: str | None = None) -> None:
 
 
 def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[str] | None = None,
-                  progress: Progress | None = None, workers: int = 2) -> Snapshot:
+                  progress: Progress | None = None, workers: int = 2,
+                  users: "UserFilter | None" = None) -> Snapshot:
     """Read the named frames (default: all of SNAPSHOT_TABLES) as of one database moment.
 
     ``as_of`` cuts the ledger and the failure window at that instant (rows created after it are not
-    seen); the other tables hold no history and are read as they are now.
+    seen); the other tables hold no history and are read as they are now. ``users`` restricts every
+    frame to those users' rows (same queries, one more condition).
     """
     names = list(SNAPSHOT_TABLES if tables is None else tables)
     unknown = [n for n in names if n not in _QUERIES]
@@ -228,8 +316,12 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         _begin(main)
         snap_id, taken_at = main.execute("SELECT pg_export_snapshot(), now()").fetchone()
         cutoff = as_of or taken_at
-        params = {"as_of": cutoff, "ref": cutoff, "iso": _ISO_RE}
-        n_workers = max(1, min(workers, len(ordered)))
+        params: dict[str, Any] = {"as_of": cutoff, "ref": cutoff, "iso": _ISO_RE}
+        if users is not None:
+            params["bids"] = sorted(users.bestauth_ids)
+            params["uids"] = sorted(users.points_ids | users.bestauth_ids)
+
+        n_workers = max(1, min(workers if users is None else 1, len(ordered)))
         conns = [main]
         for _ in range(n_workers - 1):
             extra = db.connect(url, autocommit=True)
