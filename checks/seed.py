@@ -659,13 +659,13 @@ def reset_database(url: str, config: CreditsConfig) -> None:
     from ledger.migrate import migrate
 
     name = _dbname(url)
-    try:
+    maintenance = db.with_database(url, "template1" if name == "postgres" else "postgres")
+    with db.connect(maintenance, autocommit=True) as admin:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    if exists:  # a database that does not exist yet has nothing to protect
         with db.connect(url, autocommit=True) as conn:
             if conn.execute("SELECT to_regclass('public.bestauth_users')").fetchone()[0] is not None:
                 check_resettable(conn)
-    except psycopg.errors.InvalidCatalogName:
-        pass  # no such database yet: nothing to protect
-    maintenance = db.with_database(url, "template1" if name == "postgres" else "postgres")
     try:
         with db.connect(maintenance, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -676,22 +676,6 @@ def reset_database(url: str, config: CreditsConfig) -> None:
     with db.connect(url, autocommit=True) as conn:
         migrate(conn, config)
     log.info("reset database %s and applied the migrations", db.describe_url(url))
-
-
-def ensure_database(url: str) -> None:
-    """Create the database behind ``url`` if it does not exist (the demo's own database)."""
-    name = _dbname(url)
-    try:
-        db.connect(url).close()
-        return
-    except CreditError:
-        pass
-    maintenance = db.with_database(url, "template1" if name == "postgres" else "postgres")
-    with db.connect(maintenance, autocommit=True) as conn:
-        try:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        except psycopg.errors.DuplicateDatabase:
-            pass
 
 
 def _dbname(url: str) -> str:
