@@ -61,9 +61,9 @@ def user_state(snapshot: "Snapshot", config: CreditsConfig) -> "pd.DataFrame":
         [state["mapped_user_id"].notna(), state["metadata_user_id"].notna()], ["mapping", "metadata"],
         default="bestauth_id")
     state["tier"] = state["tier"].fillna("free")
-    alloc = _allocations(config)
-    keys = list(zip(state["tier"], state["billing_cycle"].fillna(""), strict=True))
-    state["allocation"] = [alloc.get(k, 0) for k in keys]
+    alloc = pd.DataFrame([(t, c, a) for (t, c), a in _allocations(config).items()],
+                         columns=["tier", "billing_cycle", "allocation"])
+    state = state.merge(alloc, on=["tier", "billing_cycle"], how="left")
     state["paid_tier"] = state["tier"] != "free"
     state["tier_configured"] = ~state["paid_tier"] | state["tier"].isin(list(config.tiers))
     state["paid_current"] = state["paid_tier"] & state["status"].isin(list(PAID_STATUSES))
@@ -131,9 +131,9 @@ def _mapping_evidence(state: "pd.DataFrame", snapshot: "Snapshot") -> None:
     pg = snapshot.table("period_grants")
     grant_holders: dict[str, set[str]] = {}
     sub_ids = set(state.loc[unmapped, "subscription_id"].dropna())
-    for sid, uid in zip(pg["subscription_id"], pg["user_id"], strict=True):
-        if sid in sub_ids:
-            grant_holders.setdefault(sid, set()).add(uid)
+    mine = pg[pg["subscription_id"].isin(sub_ids)]
+    for sid, uid in zip(mine["subscription_id"], mine["user_id"], strict=True):
+        grant_holders.setdefault(sid, set()).add(uid)
     cols = ["bestauth_user_id", "subscription_id", "meta_resolved_id", "meta_supabase_id", "meta_original_id"]
     candidates, evidence, problems = [], [], []
     for bid, sid, *meta in state.loc[unmapped, cols].itertuples(index=False, name=None):

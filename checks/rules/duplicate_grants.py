@@ -50,17 +50,18 @@ class DuplicateGrants(Rule):
     def findings_for(self, rows: "pd.DataFrame", failed: dict[int, list[str]], config: Any,
                      snapshot: Any) -> list[Finding]:
         pg = snapshot.table("period_grants")
-        keys = set(zip(rows["subscription_id"], rows["period_date"], strict=True))
-        detail = pg[[k in keys for k in zip(pg["subscription_id"], pg["period_date"], strict=True)]]
+        wanted = pg["subscription_id"].isin(set(rows["subscription_id"])) & pg["period_date"].isin(set(rows["period_date"]))
+        by_period: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for g in pg[wanted].to_dict("records"):
+            by_period.setdefault((g["subscription_id"], g["period_date"]), []).append(g)
         balances = snapshot.table("points_balances").set_index("user_id")
         out = []
         for row in rows.to_dict("records"):
-            groups = detail[(detail["subscription_id"] == row["subscription_id"])
-                            & (detail["period_date"] == row["period_date"])]
-            holders = sorted(set(groups["user_id"]))
+            groups = by_period.get((row["subscription_id"], row["period_date"]), [])
+            holders = sorted({g["user_id"] for g in groups})
             grant_rows: list[tuple[int, int, bool]] = []
             reversed_ids: set[int] = set()
-            for g in groups.to_dict("records"):
+            for g in groups:
                 grant_rows += _parse_rows(g["grant_rows"])
                 reversed_ids |= {int(x) for x in str(opt(g["reversed_ids"]) or "").split() if x.isdigit()}
             grant_rows.sort()
