@@ -18,11 +18,13 @@ from ledger.errors import (
     SubscriptionGrantError,
     UnknownUser,
 )
+from ledger.reservations import ExpiredRelease, Hold, Reservation, ReservationState
 from ledger.service import Balance, GenerationCharge, GenerationCheck, Ledger, LedgerWrite, Resolution, Transaction
 from ledger.subscriptions import SubscriptionEvent, SubscriptionEventResult, handle_subscription_event
 
 __all__ = [
-    "AmbiguousUser", "Balance", "ConfigError", "CreditError", "CreditsConfig", "DatabaseUnavailable",
+    "AmbiguousUser", "Balance", "ConfigError", "CreditError", "CreditsConfig", "DatabaseUnavailable", "ExpiredRelease",
+    "Hold", "Reservation", "ReservationState",
     "GenerationCharge", "GenerationCheck", "IdempotencyConflict", "InsufficientCredits", "InvalidAmount",
     "InvalidArgument", "Ledger", "LedgerImmutable", "LedgerWrite", "Resolution", "ReservationError",
     "SubscriptionEvent", "SubscriptionEventResult", "SubscriptionGrantError", "Transaction", "UnknownUser",

@@ -8,6 +8,8 @@ SQLSTATEs to typed errors, and records what the database cannot (a refused deduc
 from __future__ import annotations
 
 import logging
+import random
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ from ledger.errors import (
     translate,
 )
 from ledger.ids import is_uuid, normalize_email, parse_uuid
+from ledger.reservations import ReservationsMixin
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,30 @@ _WRITE_SQL_NO_METADATA = {
     fn: f"SELECT new_balance, transaction_id, duplicate FROM public.{fn}(%s, %s, %s, %s, %s)"
     for fn in ("add_points", "deduct_points")}
 _CURSOR_ATTR = "_credit_recon_cursor"
+
+# Errors after which the same call may simply be sent again: the connection was lost (no SQLSTATE),
+# the server shut the session down (57P01-57P03), or PostgreSQL rolled the transaction back to resolve
+# a conflict (40001 serialization, 40P01 deadlock). Safe because every write carries an idempotency key
+# (or a job id): a write that did commit before the connection died is answered as a duplicate.
+RETRYABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "40001", "40P01"})
+
+
+def is_retryable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a transient fault worth one more attempt."""
+    from psycopg_pool import PoolTimeout
+
+    for _ in range(4):  # typed errors wrap the driver's error in __cause__
+        if exc is None:
+            return False
+        if isinstance(exc, PoolTimeout):
+            return False  # the pool already waited its full timeout
+        if isinstance(exc, psycopg.Error):
+            sqlstate = getattr(exc, "sqlstate", None)
+            if sqlstate in RETRYABLE_SQLSTATES:
+                return True
+            return isinstance(exc, psycopg.OperationalError) and not sqlstate
+        exc = exc.__cause__
+    return False
 
 
 @dataclass(frozen=True)
@@ -121,11 +148,18 @@ def check_amount(amount: object, config: CreditsConfig) -> int:
 def check_key(key: object) -> str:
     if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH:
         raise InvalidArgument(f"idempotency key must be a string of 1 to {MAX_KEY_LENGTH} characters")
+    if "\x00" in key:
+        raise InvalidArgument("idempotency key must not contain NUL characters")
     return key
 
 
-class Ledger:
+class Ledger(ReservationsMixin):
     """A pooled handle on the ledger. Thread-safe; share one per process."""
+
+    # writes are retried this many times in all on a transient fault (see is_retryable), sleeping
+    # RETRY_BACKOFF[i] seconds (plus up to 50% jitter) before retry i+1
+    retry_attempts: int = 4
+    retry_backoff: tuple[float, ...] = (0.05, 0.2, 0.8)
 
     def __init__(self, pool: ConnectionPool, config: CreditsConfig, url: str) -> None:
         self.pool = pool
@@ -182,21 +216,44 @@ class Ledger:
         goes with it when the pool drops the connection.
         """
         pool = self.pool
-        try:
-            conn = pool.getconn()
+        attempt = 1
+        while True:
             try:
-                cur = getattr(conn, _CURSOR_ATTR, None)
-                if cur is None:
-                    cur = conn.cursor()
-                    setattr(conn, _CURSOR_ATTR, cur)
-                if conn.autocommit:  # db.open_pool's connections: the call is its own transaction
-                    return cur.execute(query, params).fetchone()
-                with conn.transaction():  # a caller's non-autocommit pool: commit, as connection() would
-                    return cur.execute(query, params).fetchone()
-            finally:
-                pool.putconn(conn)
-        except psycopg.Error as exc:
-            self._raise_translated(exc)
+                conn = pool.getconn()
+                try:
+                    cur = getattr(conn, _CURSOR_ATTR, None)
+                    if cur is None:
+                        cur = conn.cursor()
+                        setattr(conn, _CURSOR_ATTR, cur)
+                    if conn.autocommit:  # db.open_pool's connections: the call is its own transaction
+                        return cur.execute(query, params).fetchone()
+                    with conn.transaction():  # a caller's non-autocommit pool: commit, as connection() would
+                        return cur.execute(query, params).fetchone()
+                finally:
+                    pool.putconn(conn)  # the pool discards a broken connection
+            except psycopg.Error as exc:
+                if attempt < self.retry_attempts and is_retryable(exc):
+                    self._before_retry(exc, attempt, query)
+                    attempt += 1
+                    continue
+                self._raise_translated(exc)
+
+    def _before_retry(self, exc: BaseException, attempt: int, what: str) -> None:
+        """Back off, and after a lost connection drop the pool's other dead connections."""
+        cause = exc
+        while not isinstance(cause, psycopg.Error) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        sqlstate = getattr(cause, "sqlstate", None)
+        delay = self.retry_backoff[min(attempt - 1, len(self.retry_backoff) - 1)] * (1 + random.random() / 2)
+        log.warning("transient database fault (%s) at %s on %s; retry %d of %d in %.2fs",
+                    sqlstate or "connection lost", db.describe_url(self.url), what.split("(", 1)[0][:80],
+                    attempt, self.retry_attempts - 1, delay)
+        time.sleep(delay)
+        if sqlstate is None or sqlstate.startswith("57P"):
+            try:
+                self.pool.check()  # a restarted server killed every pooled connection, not just this one
+            except Exception:  # the server may still be down; the next attempt will tell
+                log.debug("pool check failed", exc_info=True)
 
     # ---------------------------------------------------------------- id resolution
 
@@ -368,10 +425,10 @@ class Ledger:
             remaining = max(limit - int(used), 0)
             return GenerationCheck(remaining > 0, tier, 0, None, remaining,
                                    "within the free daily limit" if remaining else "free daily limit reached")
-        bal = self.balance(res.user_id).balance
+        bal = self.spendable(res.user_id)  # credits held for running jobs are not spendable
         ok = bal >= cost
         return GenerationCheck(ok, tier, cost, bal, None,
-                               "enough credits" if ok else f"needs {cost} credits, has {bal}")
+                               "enough credits" if ok else f"needs {cost} credits, has {bal} spendable")
 
     def charge_generation(self, bestauth_id: uuid.UUID | str, kind: str, job_id: str) -> GenerationCharge:
         """Charge one generation: the configured cost for paid tiers, a daily-limit claim for free users.
@@ -403,7 +460,15 @@ class Ledger:
         """The webhook's entry point; see ledger.subscriptions."""
         from ledger.subscriptions import handle_subscription_event
 
-        return handle_subscription_event(self, event)
+        attempt = 1
+        while True:  # the period key makes a repeat a no-op, so a transient fault is retried like a write
+            try:
+                return handle_subscription_event(self, event)
+            except Exception as exc:
+                if attempt >= self.retry_attempts or not is_retryable(exc):
+                    raise
+                self._before_retry(exc, attempt, "handle_subscription_event")
+                attempt += 1
 
 
 from ledger.subscriptions import SubscriptionEvent, SubscriptionEventResult  # noqa: E402  (type names only)

@@ -214,6 +214,7 @@ def test_a_killed_connection_fails_one_call_and_the_next_gets_a_new_one(db_url: 
     uid = uuid.uuid4()
     with Ledger.connect(db_url, CreditsConfig(), migrate=False, max_size=1) as led:
         led.grant(uid, 10, idempotency_key="g")
+        led.retry_attempts = 1  # retries off: this is about the pool's recovery (tests/test_faults.py: the retry)
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
         # the driver's error (AdminShutdown, 57P01) or DatabaseUnavailable, as before the fast path
