@@ -24,7 +24,11 @@ def _amount(value: str) -> int:
 def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
-    def migrate() -> None:
+    def migrate(
+        supabase: Annotated[bool, typer.Option(
+            "--supabase", help="Also enable row-level security for a Supabase database (sql/optional/supabase_rls.sql)"
+        )] = False,
+    ) -> None:
         """Apply the SQL migrations in sql/ (safe to repeat, also concurrently)."""
         from ledger import db
         from ledger.config import load_config
@@ -34,8 +38,12 @@ def register(app: typer.Typer) -> None:
         url = db.resolve_url(config)
         with db.connect(url, autocommit=True) as conn:
             applied = run(conn, config)
+            if supabase:
+                from ledger.migrate import apply_supabase_rls
+
+                apply_supabase_rls(conn, config)
         out.print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "; up to date")
-                  + f" on {db.describe_url(url)}")
+                  + f" on {db.describe_url(url)}" + ("; row-level security for Supabase in place" if supabase else ""))
 
     @app.command()
     @handle_errors

@@ -139,8 +139,9 @@ def grant_service_role(conn: psycopg.Connection, role: str) -> None:
 MONEY_TABLES = ("points_balances", "points_transactions", "points_reservations", "points_deduction_failures",
                 "free_generation_claims", "ledger_settings", "ledger_transaction_types", "schema_migrations")
 # What the service role writes directly: the webhook (subscription upsert, mapping) and a live fix run's
-# record (audit_fix_log is append-only by its trigger, like the ledger).
-SERVICE_WRITES = {"subscriptions_consolidated": "INSERT, UPDATE", "user_id_mapping": "INSERT",
+# record (audit_fix_log is append-only by its trigger, like the ledger). UPDATE on user_id_mapping is for
+# the webhook's SELECT ... FOR UPDATE of the user's mapping row.
+SERVICE_WRITES = {"subscriptions_consolidated": "INSERT, UPDATE", "user_id_mapping": "INSERT, UPDATE",
                   "audit_runs": "INSERT, UPDATE", "audit_fix_log": "INSERT"}
 SUPABASE_CLIENT_ROLES = ("anon", "authenticated")
 # the tables a signed-in Supabase user may read (own rows only, sql/optional/supabase_rls.sql)
