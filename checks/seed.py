@@ -501,14 +501,16 @@ UPDATE public.points_balances b
 """
 
 # Bulk: the same rows, balance_after from a running sum (plus the planted offset on direct rows).
+# Written in time order across users (a user's n-th event after everyone's earlier ones), as a real
+# ledger is laid out on disk: one user's rows are scattered, not adjacent (which would flatter any
+# per-user read). Ids still increase along each user's own sequence, so the chain order holds.
 _APPLY_BULK = """
 INSERT INTO public.points_transactions
     (user_id, amount, balance_after, transaction_type, description, idempotency_key, metadata)
-SELECT e.user_id, e.amount,
-       sum(e.amount) OVER (PARTITION BY e.i ORDER BY e.seq) + e.raw_offset,
-       e.transaction_type, e.description, e.idempotency_key, e.metadata
-  FROM seed_events e
- ORDER BY e.i, e.seq;
+SELECT x.user_id, x.amount, x.balance_after, x.transaction_type, x.description, x.idempotency_key, x.metadata
+  FROM (SELECT e.*, sum(e.amount) OVER (PARTITION BY e.i ORDER BY e.seq) + e.raw_offset AS balance_after
+          FROM seed_events e) x
+ ORDER BY x.seq, x.i;
 INSERT INTO public.points_balances (user_id, balance, lifetime_earned, lifetime_spent)
 SELECT e.user_id, sum(e.amount),
        coalesce(sum(e.amount) FILTER (WHERE e.amount > 0), 0),
