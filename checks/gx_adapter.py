@@ -33,6 +33,12 @@ def gx():  # type: ignore[no-untyped-def]
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations
 
+    # GE fingerprints every in-memory batch (pandas.util.hash_pandas_object over all of it) just to
+    # label the batch; on a million-row frame that was more than half of the validation time. The
+    # fingerprint is a marker only: no validation reads it. Batches under this size still get one.
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    pandas_execution_engine.HASH_THRESHOLD = min(getattr(pandas_execution_engine, "HASH_THRESHOLD", 0), 10_000_000)
     if not log.isEnabledFor(logging.DEBUG):  # GE pins some loggers to INFO; its chatter is not ours
         for name in ("great_expectations", "great_expectations.data_context.types.base"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -34,7 +34,9 @@ class MetadataResolved(Rule):
 
     def findings_for(self, rows: "pd.DataFrame", failed: dict[int, list[str]], config: Any,
                      snapshot: Any) -> list[Finding]:
-        holders = set(snapshot.table("points_balances")["user_id"]) | set(snapshot.table("ledger_by_user")["user_id"])
+        named = set(rows["meta_resolved_id"].dropna())
+        bal, led = snapshot.table("points_balances")["user_id"], snapshot.table("ledger_by_user")["user_id"]
+        holders = set(bal[bal.isin(named)]) | set(led[led.isin(named)])
         out = []
         for row in rows.to_dict("records"):
             expected_id = row["expected_user_id"]
