@@ -101,81 +101,124 @@ def current_period_grants(snapshot: "Snapshot", ids: "IdCodes | None" = None) ->
                 "canonical", "_sid", "_uid"]].reset_index(drop=True)
 
 
+def _lookup(keys: "np.ndarray", size: int) -> "np.ndarray":
+    """code -> row position in a frame whose key column is ``keys`` (unique codes); -1 when absent.
+
+    One slot more than the universe so that the code -1 (missing id) looks up position -1.
+    """
+    import numpy as np
+
+    lut = np.full(size + 1, -1, dtype="int64")
+    ok = keys >= 0
+    lut[keys[ok]] = np.flatnonzero(ok)
+    return lut
+
+
+def _gather(column: "pd.Series", pos: "np.ndarray", fill: Any = None) -> Any:
+    """``column`` at positions ``pos`` (-1: missing -> ``fill`` or NA), without a frame-wide merge."""
+    import numpy as np
+    from pandas.api.extensions import take
+
+    values = column.array if not isinstance(column.dtype, np.dtype) else column.to_numpy()
+    if fill is None:
+        return take(values, pos, allow_fill=True)
+    return take(values, pos, allow_fill=True, fill_value=fill)
+
+
+def _codes_at(codes: "np.ndarray", pos: "np.ndarray") -> "np.ndarray":
+    import numpy as np
+
+    if len(codes) == 0:
+        return np.full(len(pos), -1, dtype="int64")
+    return np.where(pos >= 0, codes[np.maximum(pos, 0)], -1)
+
+
 def user_state(snapshot: "Snapshot", config: CreditsConfig) -> "pd.DataFrame":
+    """One row per BestAuth user (+ orphan points users). 1:1 lookups are position gathers on integer
+    id codes, so a million-row state is built without copying the whole frame once per join."""
     import numpy as np
     import pandas as pd
 
     ids = IdCodes(snapshot)
-    users = snapshot.table("bestauth_users")[["bestauth_user_id", "email"]]
-    users = users.assign(_bid=ids.code("bestauth_users", "bestauth_user_id"))
+    size = len(ids.universe)
+    users = snapshot.table("bestauth_users")
+    state = pd.DataFrame({"bestauth_user_id": users["bestauth_user_id"], "email": users["email"],
+                          "_bid": ids.code("bestauth_users", "bestauth_user_id")})
+    bid = state["_bid"].to_numpy()
+
     mapping = snapshot.table("user_id_mapping")
-    mapping = mapping[["mapped_user_id"]].assign(_bid=ids.code("user_id_mapping", "bestauth_user_id"),
-                                                 _mapped=ids.code("user_id_mapping", "mapped_user_id"))
-    state = users.merge(mapping, on="_bid", how="left")
+    pos = _lookup(ids.code("user_id_mapping", "bestauth_user_id"), size)[bid]
+    state["mapped_user_id"] = _gather(mapping["mapped_user_id"], pos)
+    mapped = _codes_at(ids.code("user_id_mapping", "mapped_user_id"), pos)
+
     subs = snapshot.table("subscriptions")
-    subs = subs.drop(columns=["bestauth_user_id"]).assign(
-        _bid=ids.code("subscriptions", "bestauth_user_id"), _sid=ids.code("subscriptions", "subscription_id"),
-        _meta=np.where(ids.code("subscriptions", "meta_resolved_id") >= 0, ids.code("subscriptions", "meta_resolved_id"),
-                       np.where(ids.code("subscriptions", "meta_supabase_id") >= 0,
-                                ids.code("subscriptions", "meta_supabase_id"),
-                                ids.code("subscriptions", "meta_original_id"))))
-    state = state.merge(subs, on="_bid", how="left")
-    for col in ("_mapped", "_sid", "_meta"):
-        state[col] = state[col].fillna(-1).astype("int64")
-    state["has_subscription"] = state["subscription_id"].notna()
+    pos = _lookup(ids.code("subscriptions", "bestauth_user_id"), size)[bid]
+    for col in subs.columns:
+        if col != "bestauth_user_id":
+            state[col] = _gather(subs[col], pos)
+    sub_codes = {c: _codes_at(ids.code("subscriptions", c), pos)
+                 for c in ("subscription_id", "meta_resolved_id", "meta_supabase_id", "meta_original_id")}
+    meta = np.where(sub_codes["meta_resolved_id"] >= 0, sub_codes["meta_resolved_id"],
+                    np.where(sub_codes["meta_supabase_id"] >= 0, sub_codes["meta_supabase_id"],
+                             sub_codes["meta_original_id"]))
+    state["_sid"] = sub_codes["subscription_id"]
+    state["has_subscription"] = pos >= 0
     state["metadata_user_id"] = (state["meta_resolved_id"].fillna(state["meta_supabase_id"])
                                  .fillna(state["meta_original_id"]))
     state["user_id"] = state["mapped_user_id"].fillna(state["metadata_user_id"]).fillna(state["bestauth_user_id"])
-    state["resolution_source"] = np.select(
-        [state["mapped_user_id"].notna().to_numpy(), state["metadata_user_id"].notna().to_numpy()],
-        ["mapping", "metadata"], default="bestauth_id")
+    state["_uid"] = np.where(mapped >= 0, mapped, np.where(meta >= 0, meta, bid))  # = user_id, as codes
+    state["resolution_source"] = np.select([mapped >= 0, meta >= 0], ["mapping", "metadata"], default="bestauth_id")
     state["tier"] = state["tier"].fillna("free")
-    alloc = _allocations(config)
     tiers = state["tier"].to_numpy(dtype=object, na_value=None)
     cycles = state["billing_cycle"].to_numpy(dtype=object, na_value=None)
     allocation = np.zeros(len(state), dtype="int64")
-    for (tier, cycle), amount in alloc.items():
+    for (tier, cycle), amount in _allocations(config).items():
         allocation[(tiers == tier) & (cycles == cycle)] = amount
     state["allocation"] = allocation
     state["paid_tier"] = state["tier"] != "free"
     state["tier_configured"] = ~state["paid_tier"] | state["tier"].isin(list(config.tiers))
     state["paid_current"] = state["paid_tier"] & state["status"].isin(list(PAID_STATUSES))
     state["orphan"] = False
-    mapped, meta, bid = state["_mapped"].to_numpy(), state["_meta"].to_numpy(), state["_bid"].to_numpy()
-    state["_uid"] = np.where(mapped >= 0, mapped, np.where(meta >= 0, meta, bid))  # = user_id, as codes
 
     # points ids holding credits that no BestAuth user resolves to
-    balances = snapshot.table("points_balances")
-    ledger = snapshot.table("ledger_by_user")
     bal_k, led_k = ids.code("points_balances", "user_id"), ids.code("ledger_by_user", "user_id")
     orphan_k = np.setdiff1d(np.union1d(bal_k, led_k), state["_uid"].to_numpy())
     if len(orphan_k):
-        orphan_ids = ids.strings(orphan_k)
-        orphans = pd.DataFrame({"user_id": pd.array(orphan_ids, dtype="str"), "_uid": orphan_k, "orphan": True,
-                                "tier": None, "paid_tier": False, "paid_current": False, "has_subscription": False,
-                                "tier_configured": True, "allocation": 0, "resolution_source": "orphan",
-                                "_bid": -1, "_sid": -1, "_mapped": -1, "_meta": -1})
+        orphans = pd.DataFrame({"user_id": pd.array(ids.strings(orphan_k), dtype=state["user_id"].dtype),
+                                "_uid": orphan_k, "_bid": -1, "_sid": -1, "orphan": True, "tier": None,
+                                "paid_tier": False, "paid_current": False, "has_subscription": False,
+                                "tier_configured": True, "allocation": 0, "resolution_source": "orphan"})
         state = pd.concat([state, orphans], ignore_index=True)
+    uid = state["_uid"].to_numpy()
 
-    state = state.merge(balances.drop(columns=["user_id"]).assign(_uid=bal_k, has_balance_row=True),
-                        on="_uid", how="left")
-    state["has_balance_row"] = state["has_balance_row"].fillna(False).astype(bool)
-    state = state.merge(ledger.drop(columns=["user_id"]).assign(_uid=led_k), on="_uid", how="left")
+    balances = snapshot.table("points_balances")
+    pos = _lookup(bal_k, size)[uid]
+    state["has_balance_row"] = pos >= 0
+    for col in ("balance", "lifetime_earned", "lifetime_spent", "reserved"):
+        state[col] = _gather(balances[col], pos, 0)
+    ledger = snapshot.table("ledger_by_user")
+    pos = _lookup(led_k, size)[uid]
+    for col in ledger.columns:
+        if col != "user_id":
+            state[col] = _gather(ledger[col], pos, None if col in ("first_break_id", "last_balance_after") else 0)
     fails = snapshot.table("failed_deductions")
-    state = state.merge(fails[["failures_last_hour", "failed_amount"]].assign(_uid=ids.code("failed_deductions", "user_id")),
-                        on="_uid", how="left")
+    pos = _lookup(ids.code("failed_deductions", "user_id"), size)[uid]
+    for col in ("failures_last_hour", "failed_amount"):
+        state[col] = _gather(fails[col], pos, 0)
 
     # the current period's grants: to the resolved id, and to any other id
     cur = current_period_grants(snapshot, ids)
-    to_user = cur.merge(state.loc[state["_sid"] >= 0, ["_sid", "_uid"]], on=["_sid", "_uid"])
+    sid = state["_sid"].to_numpy()
+    to_user = cur.merge(pd.DataFrame({"_sid": sid[sid >= 0], "_uid": uid[sid >= 0]}), on=["_sid", "_uid"])
     agg_user = to_user.groupby("_sid", sort=False).agg(current_grants=("net", "sum"),
                                                        current_granted=("net_amount", "sum"))
     agg_all = cur.groupby("_sid", sort=False).agg(all_net=("net", "sum"), any_canonical=("canonical", "any"))
-    state = state.merge(agg_user, left_on="_sid", right_index=True, how="left")
-    state = state.merge(agg_all, left_on="_sid", right_index=True, how="left")
-    state["current_grants_elsewhere"] = state["all_net"].fillna(0) - state["current_grants"].fillna(0)
-    state["current_key_used"] = state["any_canonical"].fillna(False).astype(bool)
-    state = state.drop(columns=["all_net", "any_canonical"])
+    pos = _lookup(agg_user.index.to_numpy(), size)[sid]
+    state["current_grants"] = _gather(agg_user["current_grants"], pos, 0)
+    state["current_granted"] = _gather(agg_user["current_granted"], pos, 0)
+    pos = _lookup(agg_all.index.to_numpy(), size)[sid]
+    state["current_grants_elsewhere"] = _gather(agg_all["all_net"], pos, 0) - state["current_grants"]
+    state["current_key_used"] = _gather(agg_all["any_canonical"].astype(bool), pos, False)
 
     for col in _INT_COLUMNS:
         state[col] = state[col].fillna(0).astype("int64")
