@@ -74,6 +74,8 @@ _BY_SQLSTATE: dict[str, type[CreditError]] = {
     "CR006": UnknownUser,
     "CR010": LedgerImmutable,
     "22P02": InvalidArgument,  # invalid text representation (e.g. a malformed uuid)
+    "22P05": InvalidArgument,  # untranslatable character (e.g. \u0000 in a jsonb string)
+    "22021": InvalidArgument,  # character not in repertoire (invalid UTF-8)
 }
 
 

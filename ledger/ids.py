@@ -37,6 +37,18 @@ def normalize_email(value: str) -> str:
     return email
 
 
+def check_text(value: str, what: str) -> str:
+    """Refuse text PostgreSQL cannot store (NUL characters, lone UTF-16 surrogates) with a clear error,
+    instead of a driver error from deep inside a write."""
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} is not valid Unicode text (lone surrogate)") from None
+    return value
+
+
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

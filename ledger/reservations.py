@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from psycopg.types.json import Jsonb
 
 from ledger.errors import InsufficientCredits, InvalidArgument, ReservationError
-from ledger.ids import parse_uuid
+from ledger.ids import check_text, parse_uuid
 
 if TYPE_CHECKING:
     from ledger.service import Ledger, LedgerWrite
@@ -71,9 +71,7 @@ class ExpiredRelease:
 def check_job_id(job_id: object) -> str:
     if not isinstance(job_id, str) or not 0 < len(job_id) <= MAX_JOB_ID_LENGTH:
         raise InvalidArgument(f"job id must be a string of 1 to {MAX_JOB_ID_LENGTH} characters")
-    if "\x00" in job_id:
-        raise InvalidArgument("job id must not contain NUL characters")
-    return job_id
+    return check_text(job_id, "job id")
 
 
 def check_ttl(ttl_seconds: object) -> int | None:

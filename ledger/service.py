@@ -32,7 +32,7 @@ from ledger.errors import (
     UnknownUser,
     translate,
 )
-from ledger.ids import is_uuid, normalize_email, parse_uuid
+from ledger.ids import check_text, is_uuid, normalize_email, parse_uuid
 from ledger.reservations import ReservationsMixin
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,7 @@ def check_amount(amount: object, config: CreditsConfig) -> int:
 def check_key(key: object) -> str:
     if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH:
         raise InvalidArgument(f"idempotency key must be a string of 1 to {MAX_KEY_LENGTH} characters")
-    if "\x00" in key:
-        raise InvalidArgument("idempotency key must not contain NUL characters")
-    return key
+    return check_text(key, "idempotency key")
 
 
 class Ledger(ReservationsMixin):
@@ -330,6 +328,11 @@ class Ledger(ReservationsMixin):
         uid = parse_uuid(user_id)
         amount = check_amount(amount, self.config)
         key = check_key(idempotency_key)
+        if description is not None:
+            check_text(description, "description")
+        if not isinstance(transaction_type, str):
+            raise InvalidArgument("transaction type must be a string")
+        check_text(transaction_type, "transaction type")
         try:
             if metadata:
                 row = self._fetchone(_WRITE_SQL[fn], (uid, amount, transaction_type, description, key,
