@@ -347,3 +347,23 @@ def test_may_generate_counts_only_spendable_credits(ledger: Ledger, conn: psycop
     ledger.reserve(sid, 10, job_id="running-video")
     check = ledger.may_generate(bid, "image")
     assert not check.allowed and check.balance == 5
+
+
+def test_cli_lists_holds_and_frees_expired_ones(db_url: str, conn: psycopg.Connection) -> None:
+    from tests.cli_helpers import run_cli
+    from tests.factories import make_user
+
+    _, sid = make_user(conn, "vid@example.com")
+    _fund(conn, sid, 100)
+    conn.execute("SELECT * FROM public.reserve_points(%s, 30, 'render-1')", (sid,))
+    conn.execute("SELECT * FROM public.reserve_points(%s, 20, 'render-2')", (sid,))
+    _expire(conn, "render-1")
+    listed = run_cli(db_url, "holds", "list", "vid@example.com", "--json")
+    assert listed.code == 0, listed.stderr
+    doc = listed.json()
+    assert doc["spendable"] == 50
+    assert {(h["job_id"], h["status"], h["stale"]) for h in doc["holds"]} == {
+        ("render-1", "active", True), ("render-2", "active", False)}
+    freed = run_cli(db_url, "holds", "release-expired", "--json")
+    assert freed.code == 0 and freed.json() == {"released": 1, "credits": 30}
+    assert _state(conn, sid) == (100, 20)
