@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         c.execute("CHECKPOINT")
     log(f"{len(ids):,} users, {ledger_rows:,} ledger rows")
 
+    # other work on the machine (the team's test runs) slows everything measured here: record it
+    load_before = os.getloadavg()
+    log(f"load average before measuring: {load_before[0]:.1f} {load_before[1]:.1f} {load_before[2]:.1f}")
     audits = []
     flags_file = str(RESULTS_DIR / ".audit_scale_flags.json")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -401,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"audit_le_30s": audit_s <= 30, "peak_le_2gb": peak <= 2048, "speedup_ge_25x": ratio_nofail >= 25},
     }
     doc = {"benchmark": "audit_scale", "at": datetime.now(timezone.utc).isoformat(), "args": vars(args),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
            "generation": gen, "audits": audits, "agreement_on_sample": agreement, "summary": summary}
     out = RESULTS_DIR / f"audit_scale-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(doc, indent=2, default=str))
@@ -418,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'ok' if ratio_nofail >= 25 else 'MISSED'}")
     print("  agreement on the sample (users flagged by audit / loop / both): "
           + ", ".join(f"{r} {v['audit']}/{v['loop']}/{v['both']}" for r, v in agreement.items()))
+    print(f"  load average (1/5/15 min) before: {' '.join(f'{x:.1f}' for x in load_before)}, after: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     print(f"  results: {out.relative_to(PROJECT_ROOT)}")
     if args.drop:
         with db.connect(admin, autocommit=True) as c:
