@@ -132,7 +132,7 @@ def grant_service_role(conn: psycopg.Connection, role: str) -> None:
         # signature: regprocedure's own quoted rendering of a catalog entry, not user input
         conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(sql.SQL(signature)))
         conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(signature), ident))
-    _least_privilege(conn, ident, [s for (s,) in functions])
+    _least_privilege(conn, role, [s for (s,) in functions])
 
 
 # Tables only the SECURITY DEFINER ledger functions write (sql/004_security.sql, security_exposures).
@@ -178,13 +178,24 @@ def credit_relations(conn: psycopg.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
-def _least_privilege(conn: psycopg.Connection, service: sql.Identifier, definer_functions: list[str]) -> None:
+def _least_privilege(conn: psycopg.Connection, role: str, definer_functions: list[str]) -> None:
     """No direct writes to money tables by the service role; nothing for Supabase's client roles."""
+    service = sql.Identifier(role)
+    # a service role that owns the tables (or is a superuser) cannot be restricted, and revoking the owner's
+    # own privileges would break the SECURITY DEFINER functions, which write as the owner
+    owner_like = conn.execute(
+        """SELECT r.rolsuper OR pg_has_role(r.oid, c.relowner, 'MEMBER')
+             FROM pg_roles r, pg_class c
+            WHERE r.rolname = %s AND c.oid = 'public.points_transactions'::regclass""", (role,)).fetchone()
+    if owner_like and owner_like[0]:
+        log.warning("service role %s owns the ledger tables or is a superuser: least privilege cannot be "
+                    "enforced for it; configure a separate role in [database] service_role", role)
     money = _existing_tables(conn, MONEY_TABLES)
     if money:
         tables = sql.SQL(", ").join(sql.Identifier("public", t) for t in money)
-        conn.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON {} FROM PUBLIC, {}")
-                     .format(tables, service))
+        revoke_from = sql.SQL("PUBLIC") if owner_like and owner_like[0] else sql.SQL("PUBLIC, {}").format(service)
+        conn.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON {} FROM {}")
+                     .format(tables, revoke_from))
     for table in _existing_tables(conn, list(SERVICE_WRITES)):
         conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(
             sql.SQL(SERVICE_WRITES[table]), sql.Identifier("public", table), service))  # constants above

@@ -314,3 +314,25 @@ def test_supabase_step_refuses_a_database_that_is_not_supabase(db_url: str, conn
     assert r.code == 3 and "not a Supabase database" in r.stderr and "Traceback" not in r.stderr
     assert not conn.execute("SELECT relrowsecurity FROM pg_class WHERE oid = 'public.points_balances'::regclass"
                             ).fetchone()[0]
+
+
+def test_a_service_role_that_owns_the_tables_is_left_working(db_url: str, conn: psycopg.Connection, login_role,
+                                                              caplog) -> None:
+    """Misconfigured as the tables' (non-superuser) owner: migrate warns instead of revoking the owner's own
+    rights, which would break every SECURITY DEFINER function (they write as the owner)."""
+    owner, owner_url = login_role()
+    ident = sql.Identifier(owner)
+    for (rel,) in conn.execute("SELECT c.oid::regclass::text FROM pg_class c WHERE c.relnamespace = "
+                               "'public'::regnamespace AND c.relkind IN ('r', 'v')").fetchall():
+        conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.SQL(rel), ident))
+    for (fn,) in conn.execute("SELECT p.oid::regprocedure::text FROM pg_proc p "
+                              "WHERE p.pronamespace = 'public'::regnamespace").fetchall():
+        conn.execute(sql.SQL("ALTER FUNCTION {} OWNER TO {}").format(sql.SQL(fn), ident))
+    migrate(conn, CreditsConfig(database=DatabaseConfig(service_role=owner)))
+    assert any("least privilege cannot be enforced" in r.getMessage() for r in caplog.records)
+    uid = uuid.uuid4()
+    with psycopg.connect(owner_url, autocommit=True) as c:
+        c.execute("SELECT * FROM public.add_points(%s, 10, 'adjustment', 'x', 'k')", (uid,))
+        c.execute("SELECT * FROM public.reserve_points(%s, 4, 'j')", (uid,))
+    assert conn.execute("SELECT balance, reserved FROM public.points_balances").fetchone() == (10, 4)
+    assert conn.execute("SELECT * FROM public.security_exposures").fetchall() == []
