@@ -84,7 +84,9 @@ def server_url(args: argparse.Namespace) -> str:
 
 
 def bench_db_name(args: argparse.Namespace) -> str:
-    return f"credits_bench_{args.users}_s{args.seed}_f{int(round(args.faults * 1000))}"
+    from checks.seed import SEED_FORMAT
+
+    return f"credits_bench_{args.users}_s{args.seed}_f{int(round(args.faults * 1000))}_v{SEED_FORMAT}"
 
 
 def existing_matches(url: str, args: argparse.Namespace) -> bool:

@@ -44,6 +44,8 @@ from ledger.errors import ConfigError, CreditError
 log = logging.getLogger(__name__)
 
 DEMO_EMAIL_DOMAIN = "demo.example.com"
+SEED_FORMAT = 2  # bumped whenever the same (seed, users, rate) would generate other data
+MAX_SEED = 2**40
 _SEED_LOCK = 7_262_011_007  # advisory lock: one seeding at a time per database
 RULE_IDS = ("mapping_present", "metadata_resolved", "paid_users_funded", "ledger_integrity",
             "duplicate_grants", "balance_matches_tier", "failed_deductions")
@@ -201,7 +203,9 @@ def read_manifest(conn: psycopg.Connection) -> SeedManifest:
 _HELPERS = """
 CREATE FUNCTION pg_temp.sr(p_seed bigint, p_i bigint, p_tag integer) RETURNS double precision
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT ((hashint8extended(p_i * 100000 + p_tag, p_seed) >> 11) & 9007199254740991)::double precision
+    -- one hash function per (seed, purpose): hashes of adjacent inputs under one seed are correlated
+    -- (a user's fault draw skewed its variant draw), hashes under different seeds are not
+    SELECT ((hashint8extended(p_i, p_seed * 1000003 + p_tag) >> 11) & 9007199254740991)::double precision
            / 9007199254740992.0
 $$;
 CREATE FUNCTION pg_temp.suuid(p_seed bigint, p_tag text, p_i bigint, p_j bigint DEFAULT 0) RETURNS uuid
@@ -702,6 +706,8 @@ def seed(url: str, config: CreditsConfig, *, users: int, fault_rate: float = 0.0
     """
     if users < 1:
         raise ValueError("users must be at least 1")
+    if not -MAX_SEED <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be between -2**40 and 2**40, got {seed}")
     anchor = now or datetime.now(timezone.utc)
     if anchor.tzinfo is None:
         anchor = anchor.replace(tzinfo=timezone.utc)

@@ -49,9 +49,13 @@ def register(app: typer.Typer) -> None:
         faults: Annotated[float, typer.Option("--faults", help="Share of users drawn with a planted fault "
                                               "(0-1; one user per fault variant is always planted when > 0)",
                                               callback=_rate)] = 0.05,
-        seed_value: Annotated[int, typer.Option("--seed", help="Random seed: the same seed, the same population")] = 42,
+        seed_value: Annotated[int, typer.Option("--seed", help="Random seed: the same seed, the same population",
+                                                min=-(2**40), max=2**40)] = 42,
         reset: Annotated[bool, typer.Option("--reset", help="Drop and recreate the target database first "
                                             "(refused unless it holds only demo data)")] = False,
+        bulk: Annotated[bool, typer.Option("--bulk", help="Write the same ledger rows with computed balance_after "
+                                           "instead of one add_points/deduct_points call each (large populations)")
+                        ] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
     ) -> None:
         """Write a demo population (tiers, periods, grants, generations, renewals, cancellations) with
@@ -69,7 +73,8 @@ def register(app: typer.Typer) -> None:
         else:
             with db.connect(url, autocommit=True) as conn:
                 migrate(conn, config)
-        manifest = run_seed(url, config, users=users, fault_rate=faults, seed=seed_value)
+        manifest = run_seed(url, config, users=users, fault_rate=faults, seed=seed_value,
+                            mode="bulk" if bulk else "functions")
         if json_out:
             print_json({"database": db.describe_url(url), **manifest.to_json()})
             return
@@ -82,7 +87,7 @@ def register(app: typer.Typer) -> None:
         users: Annotated[int, typer.Option("--users", "-n", help="Demo population size", callback=_users)] = 2000,
         faults: Annotated[float, typer.Option("--faults", help="Share of users with a planted fault",
                                               callback=_rate)] = 0.05,
-        seed_value: Annotated[int, typer.Option("--seed", help="Random seed")] = 42,
+        seed_value: Annotated[int, typer.Option("--seed", help="Random seed", min=-(2**40), max=2**40)] = 42,
         database: Annotated[str, typer.Option("--database", help="The demo's own database on the server "
                                               "(dropped and recreated)")] = DEMO_DATABASE,
         max_fixes: Annotated[int | None, typer.Option("--max-fixes", help="Cap on the live fix run "
@@ -236,8 +241,10 @@ def _print_seed(manifest: "SeedManifest", where: str | None, step: str = "Seeded
     s = manifest.stats
     looks = manifest.healthy_lookalikes
     head = f"[bold]{step}[/]" + (f" {where}" if where else "")
+    how = ("through add_points/deduct_points; planted faults past them" if s.get("mode") != "bulk"
+           else "bulk: the same rows, balance_after computed")
     out.print(f"{head}: {manifest.users:,} users, {s.get('ledger_rows', 0):,} ledger rows "
-              f"(through add_points/deduct_points; planted faults past them), {s.get('failures', 0):,} "
+              f"({how}), {s.get('failures', 0):,} "
               f"failed attempts "
               f"[dim]({s.get('seconds', 0):.1f} s, seed {s.get('seed')})[/]")
     variants = Counter(manifest.variants.values())

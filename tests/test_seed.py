@@ -279,3 +279,31 @@ def test_seed_cli(db_url: str) -> None:
     assert "30 users" in reset.stdout
     assert run_cli(db_url, "seed", "--users", "0").code == 3
     assert run_cli(db_url, "seed", "--faults", "1.5").code == 3
+
+
+def test_draws_are_independent(conn: psycopg.Connection) -> None:
+    """Whether a user is faulted (draw 1) must not skew which fault it gets (draw 2): among the 5% drawn
+    faulted, every variant bucket is as likely as any other."""
+    from checks.seed import _HELPERS
+
+    with conn.transaction():
+        conn.execute(_HELPERS)
+        rows = conn.execute(
+            """SELECT floor(pg_temp.sr(42, g, 2) * 15)::int, count(*)
+                 FROM generate_series(1, 200000) g WHERE pg_temp.sr(42, g, 1) < 0.05 GROUP BY 1""").fetchall()
+    counts = dict(rows)
+    expected = 200000 * 0.05 / 15  # ~667 per bucket
+    assert len(counts) == 15 and all(0.85 * expected <= n <= 1.15 * expected for n in counts.values()), counts
+
+
+def test_profiles_follow_their_weights(db_url: str, config: CreditsConfig) -> None:
+    manifest = seed(db_url, config, users=6000, fault_rate=0.5, seed=21, mode="bulk")
+    counts = {v: 0 for v in (p.variant for p in FAULTS)}
+    for v in manifest.variants.values():
+        counts[v] += 1
+    expected = 6000 * 0.5 / len(FAULTS)  # 200 each, +1 forced
+    assert all(0.7 * expected <= n <= 1.3 * expected for n in counts.values()), counts
+    healthy = 6000 - len(manifest.variants)
+    total_weight = sum(p.weight for p in HEALTHY)
+    free_share = len(manifest.healthy_lookalikes["free"]) / healthy
+    assert abs(free_share - 0.33 / total_weight) < 0.05, free_share
