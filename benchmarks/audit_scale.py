@@ -323,6 +323,18 @@ def loop_sample(url: str, sample: list[str], config: CreditsConfig
 # ------------------------------------------------------------------------------------------- main
 
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether the audit's code differed from it (the work tree is shared)."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                                  timeout=10).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted_in_checks": [ln[3:] for ln in git("status", "--porcelain", "--", "checks").splitlines()]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=1_000_000)
@@ -406,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"audit_le_30s": audit_s <= 30, "peak_le_2gb": peak <= 2048, "speedup_ge_25x": ratio_nofail >= 25},
     }
     doc = {"benchmark": "audit_scale", "at": datetime.now(timezone.utc).isoformat(), "args": vars(args),
+           "code": code_version(),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                        "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
            "generation": gen, "audits": audits, "agreement_on_sample": agreement, "summary": summary}
@@ -426,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{r} {v['audit']}/{v['loop']}/{v['both']}" for r, v in agreement.items()))
     print(f"  load average (1/5/15 min) before: {' '.join(f'{x:.1f}' for x in load_before)}, after: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    ver = doc["code"]
+    print(f"  code: commit {ver['commit']}" + (f", with uncommitted changes in {', '.join(ver['uncommitted_in_checks'])}"
+                                              if ver["uncommitted_in_checks"] else ""))
     print(f"  results: {out.relative_to(PROJECT_ROOT)}")
     if args.drop:
         with db.connect(admin, autocommit=True) as c:
