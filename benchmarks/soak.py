@@ -1,7 +1,9 @@
 """Soak: 16 clients mixing grants, deductions and holds on a skewed set of users, then an audit.
 
 Not a test: a load run that reports throughput, p50/p99 latency per operation and refusals (counted
-apart from errors), then checks that nothing was lost or doubled:
+apart from errors) -- next to a baseline taken first in the same run on the same server (the same
+clients doing plain deductions on uniform, well-funded users) -- then checks that nothing was lost or
+doubled:
 
 - every balance = sum(ledger) = earned - spent, >= 0; reserved = active holds; the balance_after chain;
   one row per key (SQL, over every user);
@@ -84,12 +86,20 @@ def pick_user(rnd: random.Random, users: int, hot: int, hot_share: float) -> int
     return rnd.randrange(users)
 
 
-def client(n: int, ledger: Ledger, user_ids: list[uuid.UUID], args: argparse.Namespace, stop: threading.Event,
-           stats: ClientStats) -> None:
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    mix: dict[str, int]   # weights of grant, deduct, reserve, settle
+    hot: int
+    hot_share: float
+
+
+def client(n: int, ledger: Ledger, user_ids: list[uuid.UUID], args: argparse.Namespace, phase: Phase,
+           stop: threading.Event, stats: ClientStats) -> None:
     rnd = random.Random(args.seed * 1000 + n)
     held: list[tuple[str, int, int]] = []  # (job id, user index, amount) this client holds
     seq = 0
-    weights = [args.mix[o] for o in ("grant", "deduct", "reserve", "settle")]
+    weights = [phase.mix[o] for o in ("grant", "deduct", "reserve", "settle")]
     while not stop.is_set():
         seq += 1
         op = rnd.choices(("grant", "deduct", "reserve", "settle"), weights)[0]
@@ -98,8 +108,8 @@ def client(n: int, ledger: Ledger, user_ids: list[uuid.UUID], args: argparse.Nam
                 op = "reserve"
             else:
                 op = "capture" if rnd.random() < 0.7 else "release"
-        u = pick_user(rnd, len(user_ids), args.hot, args.hot_share)
-        key = f"soak:{n}:{seq}"
+        u = pick_user(rnd, len(user_ids), phase.hot, phase.hot_share)
+        key = f"{phase.name}:{n}:{seq}"
         t0 = time.perf_counter_ns()
         outcome = "ok"
         try:
@@ -131,6 +141,22 @@ def client(n: int, ledger: Ledger, user_ids: list[uuid.UUID], args: argparse.Nam
                 stats.errors.append(f"{op}: {type(exc).__name__}: {exc}")
         stats.latencies_us[op].append((time.perf_counter_ns() - t0) / 1000.0)
         stats.outcomes[(op, outcome)] += 1
+
+
+def run_phase(ledger: Ledger, user_ids: list[uuid.UUID], args: argparse.Namespace, phase: Phase,
+              duration: float) -> tuple[list[ClientStats], float]:
+    stats = [ClientStats() for _ in range(args.clients)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=client, args=(n, ledger, user_ids, args, phase, stop, stats[n]))
+               for n in range(args.clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(duration)
+    stop.set()
+    for t in threads:
+        t.join()
+    return stats, time.perf_counter() - started
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -177,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ttl", type=int, default=3600, help="hold TTL in seconds (default 3600)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--url", default=os.environ.get("DATABASE_URL"), help="server to create a scratch db on")
+    ap.add_argument("--baseline", type=float, default=10.0,
+                    help="seconds of the same-run baseline first: deductions only, uniform users that cannot run "
+                         "out (0 = none; default 10)")
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/soak-*.json")
     args = ap.parse_args(argv)
     # grant 20%, deduct 40%, reserve 20%, settle (capture 70% / release 30% of a held job) 20%
-    args.mix = {"grant": 20, "deduct": 40, "reserve": 20, "settle": 20}
+    soak = Phase("soak", {"grant": 20, "deduct": 40, "reserve": 20, "settle": 20}, args.hot, args.hot_share)
+    baseline = Phase("baseline", {"grant": 0, "deduct": 100, "reserve": 0, "settle": 0}, 0, 0.0)
 
     # refusals are part of the load (counted below), not news; retries and errors still show
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -192,21 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(target.url, autocommit=True) as conn:
             migrate(conn, config)
         user_ids = [uuid.uuid4() for _ in range(args.users)]
-        stats = [ClientStats() for _ in range(args.clients)]
+        base_ids = [uuid.uuid4() for _ in range(args.users)]
+        base_stats: list[ClientStats] = []
         with Ledger.connect(target.url, config, migrate=False, max_size=args.clients) as ledger:
             for i, u in enumerate(user_ids):
                 ledger.grant(u, OPENING_BALANCE, idempotency_key=f"soak-open:{i}", transaction_type="subscription_grant")
-            stop = threading.Event()
-            threads = [threading.Thread(target=client, args=(n, ledger, user_ids, args, stop, stats[n]))
-                       for n in range(args.clients)]
-            started = time.perf_counter()
-            for t in threads:
-                t.start()
-            time.sleep(args.duration)
-            stop.set()
-            for t in threads:
-                t.join()
-            elapsed = time.perf_counter() - started
+            if args.baseline > 0:
+                for i, u in enumerate(base_ids):
+                    ledger.grant(u, config.limits.max_operation_amount, idempotency_key=f"base-open:{i}")
+                base_stats, base_elapsed = run_phase(ledger, base_ids, args, baseline, args.baseline)
+            stats, elapsed = run_phase(ledger, user_ids, args, soak, args.duration)
         net: Counter = Counter()
         outcomes: Counter = Counter()
         latencies: dict[str, list[float]] = defaultdict(list)
@@ -220,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         check = verify(target.url, config, user_ids, net)
         where = target.where
 
+    base: dict[str, Any] | None = None
+    if base_stats:
+        base_lat = [v for s in base_stats for lat in s.latencies_us.values() for v in lat]
+        base_ok = sum(n for s in base_stats for (op, o), n in s.outcomes.items() if o == "ok")
+        base_bad = sum(n for s in base_stats for (op, o), n in s.outcomes.items() if o != "ok")
+        base = {"seconds": round(base_elapsed, 2), "operations": base_ok + base_bad, "not_ok": base_bad,
+                "throughput_ops_s": round((base_ok + base_bad) / base_elapsed, 1),
+                "p50_ms": round(percentile(base_lat, 0.50), 2), "p99_ms": round(percentile(base_lat, 0.99), 2)}
     everything = [v for lat in latencies.values() for v in lat]
     total = sum(outcomes.values())
     ok = sum(n for (op, o), n in outcomes.items() if o == "ok")
@@ -236,14 +269,20 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(elapsed, 2), "operations": total, "ok": ok, "refused": refused, "errors": failed,
         "throughput_ops_s": round(total / elapsed, 1), "throughput_ok_s": round(ok / elapsed, 1),
         "p50_ms": round(percentile(everything, 0.50), 2), "p99_ms": round(percentile(everything, 0.99), 2),
-        "per_op": per_op, "error_samples": errors[:10], "verification": check,
+        "per_op": per_op, "error_samples": errors[:10], "verification": check, "baseline": base,
     }
+    if base:
+        result["ratio_to_baseline"] = round(result["throughput_ops_s"] / base["throughput_ops_s"], 2)
 
     print(f"soak: {args.clients} clients, {args.users} users ({args.hot} hot take {args.hot_share:.0%}), "
           f"{elapsed:.1f} s on {where}")
     print(f"  {total:,} operations = {result['throughput_ops_s']:,.0f}/s  "
           f"(ok {ok:,} = {result['throughput_ok_s']:,.0f}/s, refused {refused:,}, errors {failed:,})")
     print(f"  latency p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
+    if base:
+        print(f"  baseline (same run, {base['seconds']:.0f} s, deductions only on uniform funded users): "
+              f"{base['throughput_ops_s']:,.0f}/s, p50 {base['p50_ms']} ms, p99 {base['p99_ms']} ms, "
+              f"not ok {base['not_ok']}; soak/baseline = {result['ratio_to_baseline']}x")
     print(f"  {'op':<8} {'ok':>8} {'refused':>8} {'error':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for op, r in per_op.items():
         print(f"  {op:<8} {r['ok']:>8,} {r['refused']:>8,} {r['error']:>6,} {r['p50_ms']:>8} {r['p99_ms']:>8}")
@@ -259,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         out = RESULTS_DIR / f"soak-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
         out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"  saved {out.relative_to(RESULTS_DIR.parent.parent)}")
-    return 0 if check["problems"] == 0 and failed == 0 else 1
+    base_failed = base["not_ok"] if base else 0
+    return 0 if check["problems"] == 0 and failed == 0 and base_failed == 0 else 1
 
 
 if __name__ == "__main__":
