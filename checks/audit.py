@@ -118,7 +118,7 @@ class AuditReport:
 def evaluate_rules(snapshot: "Snapshot", config: "CreditsConfig", rules: Iterable[str] | None = None,
                    state: Any = None) -> tuple[dict[str, RuleResult], Any]:
     """Every selected rule on one snapshot; returns the results and the user state they read."""
-    from checks.state import user_state
+    from checks.state import release_memory, user_state
 
     chosen = select_rules(rules)
     if state is None:
@@ -129,6 +129,8 @@ def evaluate_rules(snapshot: "Snapshot", config: "CreditsConfig", rules: Iterabl
         if res.errors:
             raise RuleFailed(f"rule {rid} could not validate: {'; '.join(res.errors)}")
         results[rid] = res
+        res.outcome = None  # the row positions are in the findings now; keep only the bounded summary
+        release_memory()  # each rule's temporaries go back before the next rule allocates its own
         log.debug("rule %s: %d checked, %d findings in %.2fs", rid, res.checked, len(res.findings), res.seconds)
     return results, state
 
@@ -146,14 +148,17 @@ def run_audit(url: str, config: "CreditsConfig", *, rules: Iterable[str] | None 
     chosen = select_rules(rules)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    own_snapshot = snapshot is None
     if snapshot is None:
         flt = user_filter_for(url, users) if users is not None else None
         snapshot = take_snapshot(url, as_of=as_of, progress=progress, users=flt)
     timings["snapshot"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    from checks.state import user_state
+    from checks.state import release_memory, user_state
 
-    state = user_state(snapshot, config)
+    # the identity frames end up in the state; on our own snapshot they are dropped as soon as they are
+    # absorbed, so a million-user audit stays within its memory budget (a caller's snapshot is kept whole)
+    state = user_state(snapshot, config, consume=own_snapshot)
     timings["state"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     results, _ = evaluate_rules(snapshot, config, chosen, state)

@@ -65,7 +65,8 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
         """SELECT s.id::text AS subscription_id, s.user_id::text AS bestauth_user_id, s.tier, s.billing_cycle,
                   s.status, s.current_period_start, s.current_period_end,
                   to_char(s.current_period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS period_date,
-                  left(s.metadata ->> 'resolved_supabase_user_id', 100) AS meta_resolved_raw,
+                  CASE WHEN s.metadata ->> 'resolved_supabase_user_id' !~* %(uuid)s  -- kept only when not an id
+                       THEN left(s.metadata ->> 'resolved_supabase_user_id', 100) END AS meta_resolved_raw,
                   CASE WHEN s.metadata ->> 'resolved_supabase_user_id' ~* %(uuid)s
                        THEN lower(s.metadata ->> 'resolved_supabase_user_id') END AS meta_resolved_id,
                   CASE WHEN s.metadata ->> 'supabase_user_id' ~* %(uuid)s
@@ -277,6 +278,16 @@ LEDGER_PARTS: tuple[str, ...] = ("p.user_id < '80000000-0000-0000-0000-000000000
 _LEDGER_ANCHOR = "WHERE p.created_at <= %(as_of)s"
 
 
+def use_system_allocator() -> None:
+    """Arrow buffers from malloc rather than Arrow's jemalloc pool: the pool keeps freed memory for
+    reuse by Arrow alone, while the audit's later stages allocate through numpy; with malloc, the
+    memory one stage frees (and ``release_memory`` trims) is there for the next one."""
+    import pyarrow as pa
+
+    if pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
 def _read_frame(conn: psycopg.Connection, name: str, params: dict[str, Any],
                 part: str | None = None) -> "pd.DataFrame":
     """One COPY into memory, parsed by pyarrow's multithreaded CSV reader (strings stay Arrow-backed:
@@ -284,6 +295,7 @@ def _read_frame(conn: psycopg.Connection, name: str, params: dict[str, Any],
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    use_system_allocator()
     query, dtypes, dates = _QUERIES[name]
     if "bids" in params:
         query = _filtered(name)
@@ -392,6 +404,9 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
             frames = [f for _, f in sorted(parts_read, key=lambda x: x[0])]
             snapshot.frames[name] = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
         snapshot.frames = {n: snapshot.frames[n] for n in names}
+        from checks.state import release_memory
+
+        release_memory()  # the COPY text buffers are gone; give their heap back before the joins
         return snapshot
     except psycopg.OperationalError as exc:
         from ledger.errors import DatabaseUnavailable

@@ -85,6 +85,10 @@ class IdCodes:
     def strings(self, codes: "np.ndarray") -> list[str]:
         return self.universe.take(codes).to_pylist()
 
+    def spell(self, codes: "np.ndarray") -> "pd.Series":
+        """The id strings of (valid) codes, as an Arrow-backed column."""
+        return self.universe.take(codes).to_pandas()
+
 
 def current_period_grants(snapshot: "Snapshot", ids: "IdCodes | None" = None) -> "pd.DataFrame":
     """Grants of each subscription's *current* period, per points id they went to (net of reversals)."""
@@ -133,9 +137,13 @@ def _codes_at(codes: "np.ndarray", pos: "np.ndarray") -> "np.ndarray":
     return np.where(pos >= 0, codes[np.maximum(pos, 0)], -1)
 
 
-def user_state(snapshot: "Snapshot", config: CreditsConfig) -> "pd.DataFrame":
+def user_state(snapshot: "Snapshot", config: CreditsConfig, *, consume: bool = False) -> "pd.DataFrame":
     """One row per BestAuth user (+ orphan points users). 1:1 lookups are position gathers on integer
-    id codes, so a million-row state is built without copying the whole frame once per join."""
+    id codes, so a million-row state is built without copying the whole frame once per join.
+
+    ``consume=True`` drops the identity frames (users, mappings, subscriptions) from the snapshot as
+    soon as their columns are in the state: the audit's own snapshots, to bound peak memory.
+    """
     import numpy as np
     import pandas as pd
 
@@ -163,11 +171,11 @@ def user_state(snapshot: "Snapshot", config: CreditsConfig) -> "pd.DataFrame":
                              sub_codes["meta_original_id"]))
     state["_sid"] = sub_codes["subscription_id"]
     state["has_subscription"] = pos >= 0
-    state["metadata_user_id"] = (state["meta_resolved_id"].fillna(state["meta_supabase_id"])
-                                 .fillna(state["meta_original_id"]))
-    state["user_id"] = state["mapped_user_id"].fillna(state["metadata_user_id"]).fillna(state["bestauth_user_id"])
-    state["_uid"] = np.where(mapped >= 0, mapped, np.where(meta >= 0, meta, bid))  # = user_id, as codes
-    state["resolution_source"] = np.select([mapped >= 0, meta >= 0], ["mapping", "metadata"], default="bestauth_id")
+    # the app's resolution: mapping, else the first metadata id, else the BestAuth id (on codes, then spelled)
+    state["_uid"] = np.where(mapped >= 0, mapped, np.where(meta >= 0, meta, bid))
+    state["user_id"] = ids.spell(state["_uid"].to_numpy())
+    state["resolution_source"] = pd.Categorical.from_codes(
+        np.select([mapped >= 0, meta >= 0], [0, 1], default=2), categories=["mapping", "metadata", "bestauth_id"])
     state["tier"] = state["tier"].fillna("free")
     tiers = state["tier"].to_numpy(dtype=object, na_value=None)
     cycles = state["billing_cycle"].to_numpy(dtype=object, na_value=None)
@@ -179,6 +187,12 @@ def user_state(snapshot: "Snapshot", config: CreditsConfig) -> "pd.DataFrame":
     state["tier_configured"] = ~state["paid_tier"] | state["tier"].isin(list(config.tiers))
     state["paid_current"] = state["paid_tier"] & state["status"].isin(list(PAID_STATUSES))
     state["orphan"] = False
+    cur = current_period_grants(snapshot, ids)
+    del users, mapping, subs, tiers, cycles
+    if consume:
+        for name in ("bestauth_users", "subscriptions"):
+            snapshot.frames.pop(name, None)
+        release_memory()
 
     # points ids holding credits that no BestAuth user resolves to
     bal_k, led_k = ids.code("points_balances", "user_id"), ids.code("ledger_by_user", "user_id")
@@ -207,7 +221,6 @@ def user_state(snapshot: "Snapshot", config: CreditsConfig) -> "pd.DataFrame":
         state[col] = _gather(fails[col], pos, 0)
 
     # the current period's grants: to the resolved id, and to any other id
-    cur = current_period_grants(snapshot, ids)
     sid = state["_sid"].to_numpy()
     to_user = cur.merge(pd.DataFrame({"_sid": sid[sid >= 0], "_uid": uid[sid >= 0]}), on=["_sid", "_uid"])
     agg_user = to_user.groupby("_sid", sort=False).agg(current_grants=("net", "sum"),
@@ -224,9 +237,34 @@ def user_state(snapshot: "Snapshot", config: CreditsConfig) -> "pd.DataFrame":
         state[col] = state[col].fillna(0).astype("int64")
     state["first_break_id"] = state["first_break_id"].astype("Int64")
     state["last_balance_after"] = state["last_balance_after"].astype("Int64")
+    for col in ("tier", "billing_cycle", "status", "period_date", "resolution_source"):
+        state[col] = state[col].astype("category")  # a handful of values a million times: codes, not strings
 
+    del ids, cur
     _mapping_evidence(state, snapshot)
+    if consume:
+        snapshot.frames.pop("user_id_mapping", None)
+    release_memory()
     return state.reset_index(drop=True)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise): keeps the audit's peak down when
+    a stage's temporaries are gone before the next stage allocates."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _mapping_evidence(state: "pd.DataFrame", snapshot: "Snapshot") -> None:

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 
 
 class BalanceMatchesTier(Rule):
+    frame_columns = ("orphan", "has_balance_row", "paid_tier", "allocation", "balance", "bestauth_user_id",
+                     "user_id")
+    columns = ("orphan", "has_balance_row", "paid_tier", "allocation", "balance", "tier", "billing_cycle",
+               "bestauth_user_id", "user_id")
+
     def frame(self, state: "pd.DataFrame", snapshot: Any, config: Any) -> "pd.DataFrame":
         rows = state[~state["orphan"] & state["has_balance_row"]
                      & (~state["paid_tier"] | (state["allocation"] > 0))]

@@ -44,6 +44,11 @@ class Rule:
 
     # the columns that identify a row of this rule's frame (samples in GE summaries)
     id_columns: ClassVar[tuple[str, ...]] = ("bestauth_user_id", "user_id")
+    # the user-state columns the rule's frame is built from (copied for the rows it validates), and the
+    # further columns its findings read (fetched for the failing rows only)
+    frame_columns: ClassVar[tuple[str, ...]] = ()
+    columns: ClassVar[tuple[str, ...]] = ()
+    state_rows: ClassVar[bool] = True  # the frame's index is the state's (False: a frame of its own)
 
     @property
     def suite_name(self) -> str:
@@ -52,7 +57,7 @@ class Rule:
     # ---- what each rule module fills in
     def frame(self, state: "pd.DataFrame", snapshot: "Snapshot", config: "CreditsConfig") -> "pd.DataFrame":
         """The rows this rule validates (by default: every BestAuth user)."""
-        return state[~state["orphan"]]
+        return state[~state["orphan"]] if "orphan" in state.columns else state
 
     def expectations(self, config: "CreditsConfig", snapshot: "Snapshot | None" = None) -> list:
         raise NotImplementedError
@@ -67,7 +72,10 @@ class Rule:
         from checks.gx_adapter import validate
 
         t0 = time.perf_counter()
-        frame = self.frame(state, snapshot, config).reset_index(drop=True)
+        full = state
+        if self.frame_columns:  # pandas copy-on-write: selecting columns is free, only the row filter copies
+            state = state[[c for c in self.frame_columns if c in state.columns]]
+        frame = self.frame(state, snapshot, config)
         exps = self.expectations(config, snapshot)
         # GE sees only the columns its expectations read (plus the ids for samples): validating a
         # 50-column million-row frame costs several times a 3-column one, for the same answer
@@ -78,6 +86,10 @@ class Rule:
         outcome = validate(narrow, self.suite_name, exps, ids)
         failed = outcome.failed_by_row()
         rows = frame.iloc[sorted(failed)] if failed else frame.iloc[0:0]
+        if self.state_rows:  # the finding's other columns, read from the state for the failing rows only
+            extra = [c for c in self.columns if c in full.columns and c not in rows.columns]
+            if extra:
+                rows = rows.join(full.loc[rows.index, extra])
         positional = {pos: failed[pos] for pos in sorted(failed)}
         findings = self.findings_for(rows.reset_index(drop=True), {i: positional[p] for i, p in enumerate(positional)},
                                      config, snapshot) if failed else []

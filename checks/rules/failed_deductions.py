@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 
 class FailedDeductions(Rule):
+    frame_columns = ("user_id", "bestauth_user_id", "failures_last_hour")
+    columns = ("bestauth_user_id", "user_id", "email", "balance", "failures_last_hour", "failed_amount")
+
     def frame(self, state: "pd.DataFrame", snapshot: Any, config: Any) -> "pd.DataFrame":
         return state.drop_duplicates("user_id")
 

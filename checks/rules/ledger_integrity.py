@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 
 
 class LedgerIntegrity(Rule):
+    frame_columns = ("has_balance_row", "ledger_rows", "user_id", "bestauth_user_id", "balance", "lifetime_earned",
+                     "lifetime_spent", "ledger_sum", "ledger_earned", "ledger_spent", "chain_breaks")
+    columns = ("bestauth_user_id", "user_id", "has_balance_row", "balance", "lifetime_earned", "lifetime_spent",
+               "reserved", "ledger_rows", "ledger_sum", "ledger_earned", "ledger_spent", "chain_breaks",
+               "first_break_id")
+
     def frame(self, state: "pd.DataFrame", snapshot: Any, config: Any) -> "pd.DataFrame":
         rows = state[state["has_balance_row"] | (state["ledger_rows"] > 0)]
         rows = rows.drop_duplicates("user_id")  # two BestAuth users resolving to one id: check the id once

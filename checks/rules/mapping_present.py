@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 
 class MappingPresent(Rule):
+    frame_columns = ("orphan", "mapped_user_id", "bestauth_user_id", "user_id")
+    columns = ("orphan", "bestauth_user_id", "user_id", "mapped_user_id", "mapping_candidate", "mapping_evidence",
+               "mapping_problem", "resolution_source")
+
     def expectations(self, config: Any, snapshot: Any = None) -> list:
         return [gxe().ExpectColumnValuesToNotBeNull(column="mapped_user_id")]
 

@@ -22,6 +22,12 @@ UNRESOLVED = "(unresolved)"
 
 
 class MetadataResolved(Rule):
+    frame_columns = ("orphan", "has_subscription", "meta_resolved_id", "mapping_candidate", "bestauth_user_id",
+                     "user_id")
+    columns = ("orphan", "has_subscription", "bestauth_user_id", "user_id", "subscription_id", "meta_resolved_id",
+               "meta_resolved_raw", "meta_supabase_id", "meta_original_id", "mapping_candidate",
+               "mapping_problem")
+
     def frame(self, state: "pd.DataFrame", snapshot: Any, config: Any) -> "pd.DataFrame":
         subs = state[state["has_subscription"] & ~state["orphan"]]
         return subs.assign(meta_resolved_cmp=subs["meta_resolved_id"].fillna(""),
@@ -41,7 +47,7 @@ class MetadataResolved(Rule):
         for row in rows.to_dict("records"):
             expected_id = row["expected_user_id"]
             current = opt(row.get("meta_resolved_id"))
-            found = {"resolved_supabase_user_id": opt(row.get("meta_resolved_raw")),
+            found = {"resolved_supabase_user_id": opt(row.get("meta_resolved_raw")) or current,
                      "supabase_user_id": opt(row.get("meta_supabase_id")),
                      "original_userId": opt(row.get("meta_original_id"))}
             found = {k: v for k, v in found.items() if v is not None} or None

@@ -30,6 +30,13 @@ def grant_key(subscription_id: str, period_date: str) -> str:
 
 
 class PaidUsersFunded(Rule):
+    frame_columns = ("orphan", "paid_current", "tier", "current_period_start", "has_balance_row", "current_grants",
+                     "bestauth_user_id", "user_id")
+    columns = ("orphan", "paid_current", "bestauth_user_id", "user_id", "subscription_id", "tier", "billing_cycle",
+               "status", "current_period_start", "current_period_end", "period_date", "allocation",
+               "tier_configured", "has_balance_row", "balance", "current_grants", "current_grants_elsewhere",
+               "current_key_used", "mapping_candidate", "mapping_problem")
+
     def frame(self, state: "pd.DataFrame", snapshot: Any, config: Any) -> "pd.DataFrame":
         return state[state["paid_current"] & ~state["orphan"]]
 
