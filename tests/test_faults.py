@@ -31,14 +31,17 @@ from tests.faultproxy import LossyProxy
 from tests.invariants import assert_consistent, period_grant_counts
 
 
-def _blocked_pid(admin: psycopg.Connection, pattern: str, timeout: float = 60.0) -> int:
-    """The backend of this database that waits for a lock while running a statement like ``pattern``."""
+def _blocked_pid(admin: psycopg.Connection, pattern: str, timeout: float = 60.0, not_in: set[int] = frozenset()
+                 ) -> int:
+    """The backend of this database that waits for a lock while running a statement like ``pattern``
+    (one not in ``not_in``: a terminated backend can still be listed for a moment)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = admin.execute(
             """SELECT pid FROM pg_stat_activity
                 WHERE datname = current_database() AND pid <> pg_backend_pid()
-                  AND wait_event_type = 'Lock' AND query ILIKE %s LIMIT 1""", (pattern,)).fetchone()
+                  AND wait_event_type = 'Lock' AND query ILIKE %s AND NOT pid = ANY (%s) LIMIT 1""",
+            (pattern, list(not_in))).fetchone()
         if row:
             return int(row[0])
         time.sleep(0.02)
@@ -57,8 +60,11 @@ def _kill_while_blocked(db_url: str, admin: psycopg.Connection, lock_sql: str, l
         assert blocker.execute(lock_sql, lock_params).fetchone() is not None, "nothing to lock"
         pool = ThreadPoolExecutor(1)
         future = pool.submit(call)
+        killed: set[int] = set()
         for _ in range(kills):
-            _terminate(admin, _blocked_pid(admin, pattern))
+            pid = _blocked_pid(admin, pattern, not_in=killed)
+            _terminate(admin, pid)
+            killed.add(pid)
         blocker.commit()
     pool.shutdown(wait=True)
     return future
