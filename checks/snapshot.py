@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +42,9 @@ SNAPSHOT_TABLES: tuple[str, ...] = (
     "ledger_by_user", "period_grants", "failed_deductions",
 )
 
-# public.uuid_or_null's test, inlined: that function (SET search_path) cannot be inlined by the planner
-# and cost ~2 us a call, three calls a subscription
+# public.uuid_or_null's test. Applied client-side with Arrow's vectorised RE2 (subscriptions_ids): in SQL,
+# uuid_or_null (a SET search_path function, never inlined) or an inline regex cost ~2 us a call, three
+# calls a subscription, more than the rest of the subscription read together
 _UUID_RE = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 # an ISO timestamp or date we can cast without risking an error that would abort the snapshot
@@ -65,18 +67,13 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
         """SELECT s.id::text AS subscription_id, s.user_id::text AS bestauth_user_id, s.tier, s.billing_cycle,
                   s.status, s.current_period_start, s.current_period_end,
                   to_char(s.current_period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS period_date,
-                  CASE WHEN s.metadata ->> 'resolved_supabase_user_id' !~* %(uuid)s  -- kept only when not an id
-                       THEN left(s.metadata ->> 'resolved_supabase_user_id', 100) END AS meta_resolved_raw,
-                  CASE WHEN s.metadata ->> 'resolved_supabase_user_id' ~* %(uuid)s
-                       THEN lower(s.metadata ->> 'resolved_supabase_user_id') END AS meta_resolved_id,
-                  CASE WHEN s.metadata ->> 'supabase_user_id' ~* %(uuid)s
-                       THEN lower(s.metadata ->> 'supabase_user_id') END AS meta_supabase_id,
-                  CASE WHEN s.metadata ->> 'original_userId' ~* %(uuid)s
-                       THEN lower(s.metadata ->> 'original_userId') END AS meta_original_id
+                  left(s.metadata ->> 'resolved_supabase_user_id', 100) AS meta_resolved_raw,
+                  left(s.metadata ->> 'supabase_user_id', 100) AS meta_supabase_raw,
+                  left(s.metadata ->> 'original_userId', 100) AS meta_original_raw
              FROM public.subscriptions_consolidated s""",
         {"subscription_id": "str", "bestauth_user_id": "str", "tier": "str", "billing_cycle": "str",
-         "status": "str", "period_date": "str", "meta_resolved_raw": "str", "meta_resolved_id": "str",
-         "meta_supabase_id": "str", "meta_original_id": "str"},
+         "status": "str", "period_date": "str", "meta_resolved_raw": "str", "meta_supabase_raw": "str",
+         "meta_original_raw": "str"},
         ["current_period_start", "current_period_end"],
     ),
     "points_balances": (
@@ -86,7 +83,14 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
          "reserved": "int64"}, [],
     ),
     # per-user ledger aggregates; a chain break is a row whose balance_after is not the previous row's
-    # balance_after plus its amount (the first row: its amount), in write (id) order
+    # balance_after plus its amount (the first row: its amount), in write (id) order.
+    #
+    # The same pass also carries every grant (and every audit reversal of a duplicate) as a token
+    # "subscription|period|id|amount|canonical|kind|reversed id", from which period_grants is built
+    # client-side (_period_grants): a second scan of the whole ledger for the grants alone cost as much as
+    # this one. A row belongs to the period its key names (subscription_grant:<sub>:<date>), else to the
+    # one its metadata names (subscription_id + period_start: a webhook retry under another key); rows
+    # naming neither get an empty subscription and period. Separators are stripped from the key parts.
     "ledger_by_user": (
         """SELECT t.user_id::text AS user_id, count(*) AS ledger_rows, sum(t.amount) AS ledger_sum,
                   coalesce(sum(t.amount) FILTER (WHERE t.amount > 0), 0) AS ledger_earned,
@@ -94,53 +98,45 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
                   count(*) FILTER (WHERE t.balance_after <> coalesce(t.prev_after, 0) + t.amount) AS chain_breaks,
                   min(t.id) FILTER (WHERE t.balance_after <> coalesce(t.prev_after, 0) + t.amount) AS first_break_id,
                   max(t.balance_after) FILTER (WHERE t.next_id IS NULL) AS last_balance_after,
-                  max(t.id) AS last_transaction_id
-             FROM (SELECT p.user_id, p.id, p.amount, p.balance_after,
-                          lag(p.balance_after) OVER w AS prev_after, lead(p.id) OVER w AS next_id
-                     FROM public.points_transactions p
-                    WHERE p.created_at <= %(as_of)s
-                   WINDOW w AS (PARTITION BY p.user_id ORDER BY p.id)) t
+                  max(t.id) AS last_transaction_id,
+                  string_agg(t.grant_token, ' ') AS grant_tokens
+             FROM (SELECT r.user_id, r.id, r.amount, r.balance_after, r.grant_token,
+                          lag(r.balance_after) OVER w AS prev_after, lead(r.id) OVER w AS next_id
+                     FROM (SELECT p.user_id, p.id, p.amount, p.balance_after,
+                                  CASE WHEN k.kind IS NOT NULL THEN
+                                      coalesce(g.sub, '') || '|' || coalesce(g.per, '') || '|' || p.id::text || '|'
+                                      || p.amount::text || '|'
+                                      || CASE WHEN p.idempotency_key = 'subscription_grant:' || g.sub || ':' || g.per
+                                              THEN '1' ELSE '0' END
+                                      || '|' || k.kind || '|'
+                                      || CASE WHEN k.kind = 'r'
+                                                   AND p.metadata ->> 'reverses_transaction_id' ~ '^[0-9]{1,19}$'
+                                              THEN p.metadata ->> 'reverses_transaction_id' ELSE '' END
+                                  END AS grant_token
+                             FROM public.points_transactions p
+                            CROSS JOIN LATERAL (
+                                  SELECT CASE WHEN p.transaction_type = 'subscription_grant' THEN 'g'
+                                              WHEN p.transaction_type = 'reconciliation_fix'
+                                                   AND p.metadata ? 'reverses_transaction_id' THEN 'r' END AS kind) k
+                            CROSS JOIN LATERAL (
+                                  SELECT CASE WHEN k.kind IS NULL THEN NULL
+                                              WHEN p.idempotency_key LIKE 'subscription_grant:%%'
+                                              THEN translate(lower(split_part(p.idempotency_key, ':', 2)), ' |', '')
+                                              WHEN p.metadata ->> 'subscription_id' ~* %(uuid)s
+                                              THEN lower(p.metadata ->> 'subscription_id') END AS sub,
+                                         CASE WHEN k.kind IS NULL THEN NULL
+                                              WHEN p.idempotency_key LIKE 'subscription_grant:%%'
+                                              THEN translate(split_part(p.idempotency_key, ':', 3), ' |', '')
+                                              WHEN p.metadata ->> 'period_start' ~ %(iso)s
+                                              THEN to_char((p.metadata ->> 'period_start')::timestamptz
+                                                           AT TIME ZONE 'UTC', 'YYYY-MM-DD') END AS per) g
+                            WHERE p.created_at <= %(as_of)s
+                           OFFSET 0) r  -- a fence: the token is made in the scan, so the sort carries only it
+                   WINDOW w AS (PARTITION BY r.user_id ORDER BY r.id)) t
             GROUP BY t.user_id""",
         {"user_id": "str", "ledger_rows": "int64", "ledger_sum": "int64", "ledger_earned": "int64",
          "ledger_spent": "int64", "chain_breaks": "int64", "first_break_id": "Int64",
-         "last_balance_after": "int64", "last_transaction_id": "int64"}, [],
-    ),
-    # grants (and the audit's own reversals of duplicates) per subscription period. A row belongs to the
-    # period its key names (subscription_grant:<sub>:<date>), else to the one its metadata names
-    # (subscription_id + period_start: a webhook retry under another key); rows naming neither form a
-    # group with empty subscription and period. grant_rows: "id:amount:canonical" per grant, in id order.
-    "period_grants": (
-        """SELECT t.user_id::text AS user_id, g.subscription_id, g.period_date,
-                  count(*) FILTER (WHERE t.transaction_type = 'subscription_grant') AS grants,
-                  coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'subscription_grant'), 0) AS granted,
-                  count(*) FILTER (WHERE t.transaction_type = 'reconciliation_fix') AS reversals,
-                  coalesce(-sum(t.amount) FILTER (WHERE t.transaction_type = 'reconciliation_fix'), 0) AS reversed,
-                  coalesce(bool_or(t.idempotency_key = 'subscription_grant:' || g.subscription_id || ':'
-                                   || g.period_date), false) AS canonical,
-                  string_agg(t.id::text || ':' || t.amount::text || ':'
-                             || CASE WHEN t.idempotency_key LIKE 'subscription_grant:%%' THEN '1' ELSE '0' END,
-                             ' ' ORDER BY t.id) FILTER (WHERE t.transaction_type = 'subscription_grant') AS grant_rows,
-                  string_agg(t.metadata ->> 'reverses_transaction_id', ' ')
-                      FILTER (WHERE t.transaction_type = 'reconciliation_fix') AS reversed_ids
-             FROM public.points_transactions t
-            CROSS JOIN LATERAL (
-                  SELECT CASE WHEN t.idempotency_key LIKE 'subscription_grant:%%'
-                              THEN lower(split_part(t.idempotency_key, ':', 2))
-                              WHEN t.metadata ->> 'subscription_id' ~* %(uuid)s
-                              THEN lower(t.metadata ->> 'subscription_id') END
-                             AS subscription_id,
-                         CASE WHEN t.idempotency_key LIKE 'subscription_grant:%%'
-                              THEN split_part(t.idempotency_key, ':', 3)
-                              WHEN t.metadata ->> 'period_start' ~ %(iso)s
-                              THEN to_char((t.metadata ->> 'period_start')::timestamptz AT TIME ZONE 'UTC',
-                                           'YYYY-MM-DD') END AS period_date) g
-            WHERE (t.transaction_type = 'subscription_grant'
-                   OR (t.transaction_type = 'reconciliation_fix' AND t.metadata ? 'reverses_transaction_id'))
-              AND t.created_at <= %(as_of)s
-            GROUP BY t.user_id, g.subscription_id, g.period_date""",
-        {"user_id": "str", "subscription_id": "str", "period_date": "str", "grants": "int64",
-         "granted": "int64", "reversals": "int64", "reversed": "int64", "canonical": "bool",
-         "grant_rows": "str", "reversed_ids": "str"}, [],
+         "last_balance_after": "int64", "last_transaction_id": "int64", "grant_tokens": "str"}, [],
     ),
     "failed_deductions": (
         """SELECT f.user_id::text AS user_id, count(*) AS failures_last_hour, sum(f.amount) AS failed_amount,
@@ -161,7 +157,6 @@ _FILTERS: dict[str, str] = {
     "subscriptions": "s.user_id = ANY(%(bids)s::uuid[])",
     "points_balances": "b.user_id = ANY(%(uids)s::uuid[])",
     "ledger_by_user": "p.user_id = ANY(%(uids)s::uuid[])",
-    "period_grants": "t.user_id = ANY(%(uids)s::uuid[])",
     "failed_deductions": "f.user_id = ANY(%(uids)s::uuid[])",
 }
 _WHERE_ANCHORS: dict[str, tuple[str, str]] = {  # where the filter goes: (text to find, 'after'|'where')
@@ -170,7 +165,6 @@ _WHERE_ANCHORS: dict[str, tuple[str, str]] = {  # where the filter goes: (text t
     "subscriptions": ("FROM public.subscriptions_consolidated s", "where"),
     "points_balances": ("FROM public.points_balances b", "where"),
     "ledger_by_user": ("WHERE p.created_at <= %(as_of)s", "and"),
-    "period_grants": ("AND t.created_at <= %(as_of)s", "and"),
     "failed_deductions": ("AND f.created_at <= %(ref)s", "and"),
 }
 
@@ -278,6 +272,118 @@ LEDGER_PARTS: tuple[str, ...] = ("p.user_id < '80000000-0000-0000-0000-000000000
 _LEDGER_ANCHOR = "WHERE p.created_at <= %(as_of)s"
 
 
+PERIOD_GRANT_COLUMNS = ("user_id", "subscription_id", "period_date", "grants", "granted", "reversals", "reversed",
+                        "canonical", "grant_rows", "reversed_ids")
+
+
+_GRANT_CHUNK = 100_000  # users per slice: a period belongs to one points id, so slices never split a group
+
+
+def _period_grants(ledger: "pd.DataFrame") -> "pd.DataFrame":
+    """period_grants from the ledger pass, a slice of users at a time (bounded memory)."""
+    import pandas as pd
+
+    if len(ledger) <= _GRANT_CHUNK:
+        return _period_grants_slice(ledger)
+    parts = [_period_grants_slice(ledger.iloc[i:i + _GRANT_CHUNK]) for i in range(0, len(ledger), _GRANT_CHUNK)]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _period_grants_slice(ledger: "pd.DataFrame") -> "pd.DataFrame":
+    """Grants (and audit reversals) per (points id, subscription, period), from the ledger pass's tokens.
+
+    grants/granted: count and credits of subscription_grant rows; reversals/reversed: the audit's
+    reversal rows and the credits they took back; canonical: a row under the period's own key.
+    grant_rows ("id:amount:canonical" per grant) and reversed_ids are spelled out only for periods with
+    more than one grant or any reversal: the only ones a rule looks into.
+    """
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    empty = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("grants", "granted", "reversals", "reversed")
+                                       else "bool" if c == "canonical" else "str") for c in PERIOD_GRANT_COLUMNS})
+    if ledger.empty:
+        return empty
+    tokens = pa.array(ledger["grant_tokens"], type=pa.string())
+    lists = pc.split_pattern(tokens, " ")
+    parents = pc.list_parent_indices(lists)
+    flat = pc.list_flatten(lists)
+    if len(flat) == 0:
+        return empty
+    fields = pc.split_pattern(flat, "|")
+    part = [pc.list_element(fields, i) for i in range(7)]
+    null_str = pa.scalar(None, pa.string())
+    sub = pc.if_else(pc.equal(part[0], ""), null_str, part[0])
+    per = pc.if_else(pc.equal(part[1], ""), null_str, part[1])
+    amount = pc.cast(part[3], pa.int64())
+    is_grant = pc.equal(part[5], "g")
+    zero = pa.scalar(0, pa.int64())
+    table = pa.table({
+        "user_id": pa.array(ledger["user_id"], type=pa.string()).take(parents),
+        "subscription_id": sub, "period_date": per,
+        "g": pc.cast(is_grant, pa.int64()), "r": pc.cast(pc.invert(is_grant), pa.int64()),
+        "g_amount": pc.if_else(is_grant, amount, zero), "r_amount": pc.if_else(is_grant, zero, pc.negate(amount)),
+        "canonical": pc.equal(part[4], "1"),
+    })
+    agg = table.group_by(["user_id", "subscription_id", "period_date"], use_threads=False).aggregate(
+        [("g", "sum"), ("g_amount", "sum"), ("r", "sum"), ("r_amount", "sum"), ("canonical", "any")])
+    frame = agg.rename_columns(["user_id", "subscription_id", "period_date", "grants", "granted", "reversals",
+                                "reversed", "canonical"]).to_pandas()
+    frame["grant_rows"] = None
+    frame["reversed_ids"] = None
+    detail = (frame["grants"] > 1) | (frame["reversals"] > 0)
+    if detail.any():
+        # only the few tokens of those periods become Python rows
+        def key(u: Any, sid: Any, d: Any) -> Any:
+            parts_ = [pc.fill_null(pc.cast(x, pa.string()), "") for x in (u, sid, d)]
+            return pc.binary_join_element_wise(*parts_, "|")
+
+        wanted = pa.Table.from_pandas(frame.loc[detail, ["user_id", "subscription_id", "period_date"]],
+                                      preserve_index=False)
+        mask = pc.is_in(key(table["user_id"], sub, per),
+                        value_set=key(wanted["user_id"], wanted["subscription_id"], wanted["period_date"]))
+        rows = pa.table({"user_id": table["user_id"], "subscription_id": sub, "period_date": per, "id": part[2],
+                         "amount": part[3], "canonical": part[4], "kind": part[5], "reverses": part[6]}
+                        ).filter(mask).to_pandas()
+        spelled: dict[tuple[Any, Any, Any], list[list[str]]] = {}
+        for u, sid, d, tx, amt, canon, kind, rev in rows.itertuples(index=False, name=None):
+            entry = spelled.setdefault((u, sid, d), [[], []])
+            if kind == "g":
+                entry[0].append(f"{tx}:{amt}:{canon}")
+            elif rev:
+                entry[1].append(rev)
+        idx = frame.index[detail]
+        got = [spelled.get(k, [[], []]) for k in frame.loc[detail, ["user_id", "subscription_id", "period_date"]]
+               .itertuples(index=False, name=None)]
+        frame.loc[idx, "grant_rows"] = [" ".join(g) or None for g, _ in got]
+        frame.loc[idx, "reversed_ids"] = [" ".join(r) or None for _, r in got]
+    for col in ("grants", "granted", "reversals", "reversed"):
+        frame[col] = frame[col].astype("int64")
+    frame["canonical"] = frame["canonical"].astype(bool)
+    return frame[list(PERIOD_GRANT_COLUMNS)]
+
+
+def _subscription_ids(frame: "pd.DataFrame") -> "pd.DataFrame":
+    """The metadata's id keys as validated, lower-cased UUIDs (None when absent or not a UUID), the
+    app's rule; ``meta_resolved_raw`` keeps the raw value only where it is not a UUID (for findings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for raw, out in (("meta_resolved_raw", "meta_resolved_id"), ("meta_supabase_raw", "meta_supabase_id"),
+                     ("meta_original_raw", "meta_original_id")):
+        arr = pa.chunked_array([pa.array(frame[raw], type=pa.string())]) if len(frame) else pa.chunked_array(
+            [], type=pa.string())
+        ok = pc.fill_null(pc.match_substring_regex(arr, _UUID_RE, ignore_case=True), False)
+        frame[out] = pc.if_else(ok, pc.utf8_lower(arr), pa.scalar(None, pa.string())).to_pandas()
+        if raw == "meta_resolved_raw":
+            frame[raw] = pc.if_else(ok, pa.scalar(None, pa.string()), arr).to_pandas()
+    return frame.drop(columns=["meta_supabase_raw", "meta_original_raw"])
+
+
+_POST = {"subscriptions": _subscription_ids}
+
+
 def use_system_allocator() -> None:
     """Arrow buffers from malloc rather than Arrow's jemalloc pool: the pool keeps freed memory for
     reuse by Arrow alone, while the audit's later stages allocate through numpy; with malloc, the
@@ -286,6 +392,28 @@ def use_system_allocator() -> None:
 
     if pa.default_memory_pool().backend_name != "system":
         pa.set_memory_pool(pa.system_memory_pool())
+
+
+class _CopyStream(io.RawIOBase):
+    """A COPY TO STDOUT as a readable file, for Arrow's streaming CSV reader."""
+
+    def __init__(self, copy: Any) -> None:
+        self._chunks = iter(copy)
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
 
 
 def _read_frame(conn: psycopg.Connection, name: str, params: dict[str, Any],
@@ -302,27 +430,30 @@ def _read_frame(conn: psycopg.Connection, name: str, params: dict[str, Any],
     if part is not None:
         query = query.replace(_LEDGER_ANCHOR, f"{_LEDGER_ANCHOR} AND {part}", 1)
         conn.execute("SET LOCAL enable_indexscan = off")
-    buf = io.BytesIO()
+        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")  # the halves already use both cores
+    types = {c: getattr(pa, _ARROW_TYPES[t])() for c, t in dtypes.items()}
+    types |= {c: pa.timestamp("us", tz="UTC") for c in dates}
+    convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, true_values=["t"],
+                                   false_values=["f"])
     with conn.cursor() as cur:
         copy_sql = f"COPY ({query}) TO STDOUT WITH (FORMAT csv, HEADER true)"
         with cur.copy(copy_sql, params) as copy:  # psycopg binds COPY parameters client-side
-            for chunk in copy:
-                buf.write(chunk)
-    buf.seek(0)
-    types = {c: getattr(pa, _ARROW_TYPES[t])() for c, t in dtypes.items()}
-    types |= {c: pa.timestamp("us", tz="UTC") for c in dates}
+            # parsed as it streams in: the CSV text is never held whole (it is larger than the table)
+            reader = pacsv.open_csv(io.BufferedReader(_CopyStream(copy), buffer_size=1 << 20),
+                                    read_options=pacsv.ReadOptions(block_size=4 << 20), convert_options=convert)
+            table = reader.read_all()
     if part is not None:
-        conn.execute("SET LOCAL enable_indexscan = on")
-    table = pacsv.read_csv(buf, convert_options=pacsv.ConvertOptions(
-        column_types=types, strings_can_be_null=True, true_values=["t"], false_values=["f"]))
+        conn.execute("RESET enable_indexscan")
+        conn.execute("RESET max_parallel_workers_per_gather")
     frame = table.to_pandas()
     for col, typ in dtypes.items():
         if typ in ("int64", "Int64") and frame[col].dtype != typ:
             frame[col] = frame[col].astype(typ)  # nullable ints arrive as float
-    return frame
+    post = _POST.get(name)
+    return post(frame) if post else frame
 
 
-WORK_MEM = "256MB"  # per sort/hash node of the snapshot's queries: the ledger window sorts in memory
+WORK_MEM = "512MB"  # per sort/hash node of the snapshot's queries: each ledger half sorts in memory
 
 
 def _begin(conn: psycopg.Connection, snapshot_id: str | None = None) -> None:
@@ -342,12 +473,14 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
     frame to those users' rows (same queries, one more condition).
     """
     names = list(SNAPSHOT_TABLES if tables is None else tables)
-    unknown = [n for n in names if n not in _QUERIES]
+    unknown = [n for n in names if n not in _QUERIES and n != "period_grants"]
     if unknown:
         raise InvalidArgument(f"unknown snapshot frame(s): {', '.join(unknown)} (known: {', '.join(SNAPSHOT_TABLES)})")
     if as_of is not None and as_of.tzinfo is None:
         raise InvalidArgument("as_of must be timezone-aware")
-    ordered = [n for n in _ORDER if n in names]
+    # period_grants comes out of the ledger pass (its grant tokens), so asking for it reads the ledger
+    wanted = set(names) | ({"ledger_by_user"} if "period_grants" in names else set())
+    ordered = [n for n in _ORDER if n in wanted and n in _QUERIES]
     main = db.connect(url, autocommit=True)
     others: list[psycopg.Connection] = []
     try:
@@ -374,10 +507,13 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         import pandas as pd
 
         todo: queue.SimpleQueue[tuple[str, int, str | None]] = queue.SimpleQueue()
+        n_parts: dict[str, int] = {}
         for n in ordered:
             parts: tuple[str | None, ...] = LEDGER_PARTS if (n == "ledger_by_user" and users is None) else (None,)
+            n_parts[n] = len(parts)
             for i, part in enumerate(parts):
                 todo.put((n, i, part))
+        lock = threading.Lock()
 
         def work(conn: psycopg.Connection) -> list[tuple[str, int, Any, float]]:
             done = []
@@ -391,7 +527,10 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
                 elapsed = time.perf_counter() - t0
                 done.append((name, i, frame, elapsed))
                 log.debug("snapshot frame %s[%d]: %d rows in %.2fs", name, i, len(frame), elapsed)
-                if progress and (part is None or i == len(LEDGER_PARTS) - 1):
+                with lock:
+                    n_parts[name] -= 1
+                    last = n_parts[name] == 0
+                if progress and last:
                     progress(name, len(frame), elapsed)
 
         with ThreadPoolExecutor(max_workers=len(conns), thread_name_prefix="snapshot") as pool:
@@ -403,6 +542,16 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         for name, parts_read in pieces.items():
             frames = [f for _, f in sorted(parts_read, key=lambda x: x[0])]
             snapshot.frames[name] = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+        if "ledger_by_user" in snapshot.frames:
+            t0 = time.perf_counter()
+            ledger = snapshot.frames["ledger_by_user"]
+            if "period_grants" in names:
+                snapshot.frames["period_grants"] = _period_grants(ledger)
+                snapshot.timings["period_grants"] = time.perf_counter() - t0
+                if progress:
+                    progress("period_grants", len(snapshot.frames["period_grants"]), snapshot.timings["period_grants"])
+            snapshot.frames["ledger_by_user"] = ledger.drop(columns=["grant_tokens"])
+            del ledger
         snapshot.frames = {n: snapshot.frames[n] for n in names}
         from checks.state import release_memory
 
