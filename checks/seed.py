@@ -44,7 +44,7 @@ from ledger.errors import ConfigError, CreditError
 log = logging.getLogger(__name__)
 
 DEMO_EMAIL_DOMAIN = "demo.example.com"
-SEED_FORMAT = 2  # bumped whenever the same (seed, users, rate) would generate other data
+SEED_FORMAT = 3  # bumped whenever the same (seed, users, rate) would generate other data
 MAX_SEED = 2**40
 _SEED_LOCK = 7_262_011_007  # advisory lock: one seeding at a time per database
 RULE_IDS = ("mapping_present", "metadata_resolved", "paid_users_funded", "ledger_integrity",
@@ -295,6 +295,13 @@ SELECT x.i, x.id AS profile_id, x.name AS profile, x.kind, x.rule, x.variant, x.
   FROM timed x
 """
 
+# A user signs up before their first billing period starts.
+_SIGNUP_BEFORE_FIRST_PERIOD = """
+UPDATE seed_users
+   SET user_created_at = LEAST(user_created_at, cur_start - len * prev_periods - interval '1 day')
+ WHERE cur_start IS NOT NULL
+"""
+
 # Every period of every paid subscription up to the current one (k periods back; phase 0 = oldest).
 _PERIODS = """
 CREATE TEMP TABLE seed_periods ON COMMIT DROP AS
@@ -458,7 +465,7 @@ SELECT u.sub_id, u.bid, u.tier, u.cycle, u.status, u.cur_start, u.cur_start + u.
        || CASE WHEN u.tier = 'free' THEN '{}'::jsonb
                ELSE jsonb_build_object('stripe_subscription_id', 'sub_' || left(md5(%(seed)s::text || ':stripe:' || u.i), 14))
           END,
-       LEAST(u.user_created_at, f.first_start),
+       coalesce(f.first_start, u.user_created_at),
        coalesce(u.cur_start, u.user_created_at)
   FROM seed_users u
   LEFT JOIN (SELECT p.i, min(p.p_start) AS first_start FROM seed_periods p GROUP BY p.i) f USING (i)
@@ -597,7 +604,7 @@ def seed_range(conn: psycopg.Connection, config: CreditsConfig, *, lo: int, hi: 
                 sql.SQL(", ").join(map(sql.Identifier, _PROFILE_COLUMNS)),
                 sql.SQL(", ").join(sql.Placeholder(c) for c in _PROFILE_COLUMNS)),
             _profile_rows(fault_rate))
-        for stmt in (_USERS, _PERIODS, _EVENTS_TABLE, _GRANTS, _DEDUCTIONS, _REFUNDS, _ADJUSTMENTS,
+        for stmt in (_USERS, _SIGNUP_BEFORE_FIRST_PERIOD, _PERIODS, _EVENTS_TABLE, _GRANTS, _DEDUCTIONS, _REFUNDS, _ADJUSTMENTS,
                      _CHAIN_BREAK, _TARGETS, _FAILURES):
             t0 = time.perf_counter()
             cur.execute(stmt, params)
@@ -732,9 +739,5 @@ def seed(url: str, config: CreditsConfig, *, users: int, fault_rate: float = 0.0
                       "seconds": round(time.perf_counter() - started, 3), "mode": mode, "seed": seed,
                       "fault_rate": fault_rate, "anchor": anchor.isoformat()}
     log.info("seeded %s users (%s ledger rows, %s faulted) into %s in %.1f s", users, ledger_rows,
-             counts["faults"], describe_url_safe(url), manifest.stats["seconds"])
+             counts["faults"], db.describe_url(url), manifest.stats["seconds"])
     return manifest
-
-
-def describe_url_safe(url: str) -> str:
-    return db.describe_url(url)

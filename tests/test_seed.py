@@ -307,3 +307,21 @@ def test_profiles_follow_their_weights(db_url: str, config: CreditsConfig) -> No
     total_weight = sum(p.weight for p in HEALTHY)
     free_share = len(manifest.healthy_lookalikes["free"]) / healthy
     assert abs(free_share - 0.33 / total_weight) < 0.05, free_share
+
+
+def test_timeline_is_plausible(seeded: Any, conn: psycopg.Connection) -> None:
+    """Users sign up before their first period; subscriptions start with it; periods are contiguous."""
+    bad = conn.execute(
+        """SELECT count(*) FROM public.subscriptions_consolidated s
+             JOIN public.bestauth_users u ON u.id = s.user_id
+            WHERE s.created_at < u.created_at OR s.created_at > coalesce(s.current_period_start, s.created_at)""").fetchone()[0]
+    assert bad == 0
+    gaps = conn.execute(
+        """SELECT count(*) FROM (
+               SELECT (metadata ->> 'period_start')::timestamptz AS ps,
+                      lag((metadata ->> 'period_end')::timestamptz) OVER (PARTITION BY metadata ->> 'subscription_id'
+                                                                         ORDER BY metadata ->> 'period_start') AS prev_end
+                 FROM public.points_transactions
+                WHERE transaction_type = 'subscription_grant' AND idempotency_key LIKE 'subscription_grant:%%') g
+            WHERE prev_end IS NOT NULL AND prev_end <> ps""").fetchone()[0]
+    assert gaps == 0
