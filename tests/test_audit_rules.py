@@ -220,3 +220,48 @@ def test_rule_results_carry_ge_summaries(db_url, conn, config):
     assert {e["expectation"] for e in failing} == {"expect_column_values_to_be_between",
                                                    "expect_column_values_to_be_in_set"}
     assert all(e["unexpected_count"] == 1 and len(e["sample_ids"]) == 1 for e in failing)
+
+
+def test_period_grants_from_the_ledger_pass(db_url, conn, config):
+    """Grants ride the ledger pass as tokens: odd keys and metadata cannot break the parsing, rows naming
+    no period form their own group, the audit's reversals count against their period."""
+    case = paid_user(conn)
+    pid, sub = case["pid"], case["sub"]
+    # a grant under a hostile key (separators inside), one naming nothing, one naming a non-UUID subscription
+    conn.execute("SELECT * FROM public.add_points(%s, 5, 'subscription_grant', 'odd', %s, %s)",
+                 (pid, "subscription_grant:a|b c:2026-01-01", Jsonb({})))
+    conn.execute("SELECT * FROM public.add_points(%s, 7, 'subscription_grant', 'bare', 'bare-grant', '{}')", (pid,))
+    conn.execute("SELECT * FROM public.add_points(%s, 9, 'subscription_grant', 'x', 'x-grant', %s)",
+                 (pid, Jsonb({"subscription_id": "not a uuid|x", "period_start": "garbage"})))
+    dup = retry_grant(conn, case)
+    conn.execute("""SELECT * FROM public.deduct_points(%s, 800, 'reconciliation_fix', 'reverse', 'rev-1', %s)""",
+                 (pid, Jsonb({"reverses_transaction_id": str(dup[1]), "subscription_id": str(sub["id"]),
+                              "period_start": f"{sub['start']:%Y-%m-%d}"})))
+    snap = take_snapshot(db_url)
+    pg = snap.table("period_grants")
+    mine = pg[pg["user_id"] == str(pid)]
+    cur = mine[mine["subscription_id"] == str(sub["id"])].iloc[0]
+    assert (cur["grants"], cur["granted"], cur["reversals"], cur["reversed"]) == (2, 1600, 1, 800)
+    assert bool(cur["canonical"]) and cur["reversed_ids"] == str(dup[1])
+    assert sorted(cur["grant_rows"].split()) == sorted(
+        [f"{t}:800:{c}" for t, c in conn.execute(
+            """SELECT id, CASE WHEN idempotency_key LIKE 'subscription_grant:%%' THEN 1 ELSE 0 END
+                 FROM public.points_transactions WHERE user_id = %s AND amount = 800
+                  AND transaction_type = 'subscription_grant'""", (pid,)).fetchall()])
+    odd = mine[mine["subscription_id"] == "abc"].iloc[0]
+    assert odd["period_date"] == "2026-01-01" and odd["grants"] == 1
+    nameless = mine[mine["subscription_id"].isna()]
+    assert int(nameless["grants"].sum()) == 2 and int(nameless["granted"].sum()) == 16
+    # the reversed duplicate no longer counts; the audit sees one grant for the period
+    report = run_audit(db_url, config, rules=["duplicate_grants", "paid_users_funded"])
+    assert report.findings == []
+    # a snapshot filtered to this user says the same as the full one
+    from checks.snapshot import user_filter_for
+
+    one = take_snapshot(db_url, users=user_filter_for(db_url, [str(case["bid"])]))
+    cols = ["subscription_id", "period_date", "grants", "granted", "reversals", "reversed"]
+    a = one.table("period_grants")[cols].sort_values(cols).reset_index(drop=True)
+    b = mine[cols].sort_values(cols).reset_index(drop=True)
+    assert a.equals(b)
+    led = one.table("ledger_by_user").set_index("user_id").loc[str(pid)]
+    assert led["ledger_sum"] == snap.table("ledger_by_user").set_index("user_id").loc[str(pid), "ledger_sum"]
