@@ -265,3 +265,24 @@ def test_period_grants_from_the_ledger_pass(db_url, conn, config):
     assert a.equals(b)
     led = one.table("ledger_by_user").set_index("user_id").loc[str(pid)]
     assert led["ledger_sum"] == snap.table("ledger_by_user").set_index("user_id").loc[str(pid), "ledger_sum"]
+
+
+def test_monitor_counts_match_the_audit_on_its_indicators(db_url, conn, config):
+    from checks.monitor import monitor
+
+    assert monitor(db_url, config).status == "HEALTHY"
+    paid_user(conn, spend=800)                      # healthy look-alikes count nowhere
+    paid_user(conn, status="canceled", grant=False, prev_periods=1)
+    paid_user(conn, grant=False, prev_periods=1)    # unfunded
+    drifted = paid_user(conn)
+    drift(conn, drifted["pid"], 70)                 # integrity
+    make_user(conn, mapped_to=None)                 # unmapped
+    burst = paid_user(conn, spend=790)
+    fail_deductions(conn, burst["pid"], 20)
+    m = monitor(db_url, config)
+    assert m.status == "CRITICAL" and m.exit_code == 2
+    assert (m.counts["paid_unfunded"], m.counts["balance_mismatches"], m.counts["unmapped_users"],
+            m.counts["users_over_threshold"], m.counts["failed_deductions_last_hour"]) == (1, 1, 1, 1, 20)
+    report = run_audit(db_url, config)
+    assert m.counts["paid_unfunded"] == len(report.results["paid_users_funded"].findings)
+    assert m.counts["unmapped_users"] == len(report.results["mapping_present"].findings)
