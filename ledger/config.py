@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -26,11 +26,48 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# What happens to a period's unspent subscription credits at the period's end (issue 6):
+#   "none"       they expire at the period's end;
+#   N (an int)   up to N of them roll over into the next period and expire at its end (never rolled again);
+#   "unlimited"  they never expire (the default: what grants did before credits had lots).
+RolloverPolicy = Literal["none", "unlimited"] | Annotated[int, Field(ge=0, le=10**12, strict=True)]
+
+
 class TierConfig(_Strict):
-    """Credits granted per billing period."""
+    """Credits granted per billing period, and what happens to the unspent ones at its end."""
 
     monthly: PositiveCredits
     yearly: PositiveCredits
+    rollover: RolloverPolicy = "unlimited"
+
+
+class TopUpPack(_Strict):
+    """A one-off credit pack (granted as a ``top_up`` lot under its payment's key); outlives the period."""
+
+    credits: PositiveCredits
+    price_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
+    # days until the pack's credits expire, counted from the purchase; left out (None) = never
+    expiry_days: Annotated[int, Field(gt=0, le=36_500, strict=True)] | None = None
+    # consumption order: lower is spent first (subscription credits use lifecycle.grant_priority)
+    priority: Annotated[int, Field(ge=0, le=1000, strict=True)] = 50
+
+
+class LifecycleConfig(_Strict):
+    # an upgrade mid-period grants (new allocation - old) x (time left / period length), rounded:
+    #   "down" never grants a credit that was not paid for (default); "half_even" the nearest whole
+    #   credit (ties to even); "up" never short-changes the customer. Rounding is cumulative per period
+    #   (see ledger/proration.py): however many upgrades, the period's prorated total is off by < 1 credit.
+    proration_rounding: Literal["down", "half_even", "up"] = "down"
+    # consumption order of subscription credits (period grants, prorated upgrades): lower is spent first;
+    # among equal priorities the soonest expiry, then the oldest lot
+    grant_priority: Annotated[int, Field(ge=0, le=1000, strict=True)] = 50
+
+
+def _default_top_ups() -> dict[str, TopUpPack]:
+    return {
+        "small": TopUpPack(credits=500, price_id="price_topup_500", expiry_days=365),
+        "large": TopUpPack(credits=2500, price_id="price_topup_2500", expiry_days=365),
+    }
 
 
 class FreeTierConfig(_Strict):
@@ -78,6 +115,19 @@ class CreditsConfig(_Strict):
     reservations: ReservationsConfig = Field(default_factory=ReservationsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    top_ups: dict[str, TopUpPack] = Field(default_factory=_default_top_ups)
+    lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
+
+    @field_validator("top_ups")
+    @classmethod
+    def _pack_names(cls, packs: dict[str, TopUpPack]) -> dict[str, TopUpPack]:
+        for name in packs:
+            if not name.replace("_", "").isalnum() or not name.islower() or len(name) > 64:
+                raise ValueError(f"top-up pack name {name!r} must be lower-case letters, digits and underscores")
+        prices = [p.price_id for p in packs.values()]
+        if len(prices) != len(set(prices)):
+            raise ValueError("two top-up packs share a price_id")
+        return packs
 
     @field_validator("tiers")
     @classmethod
@@ -97,6 +147,21 @@ class CreditsConfig(_Strict):
         if billing_cycle not in ("monthly", "yearly"):
             raise ConfigError(f"billing cycle {billing_cycle!r} is not monthly or yearly")
         return getattr(cfg, billing_cycle)
+
+    def rollover(self, tier: str) -> str | int:
+        """The tier's rollover policy: "none", "unlimited" or a cap in credits (ConfigError for an unknown tier)."""
+        cfg = self.tiers.get(tier)
+        if cfg is None:
+            raise ConfigError(f"tier {tier!r} is not in the configuration (known: {', '.join(sorted(self.tiers))})")
+        return cfg.rollover
+
+    def top_up_pack(self, name: str) -> TopUpPack:
+        try:
+            return self.top_ups[name]
+        except KeyError:
+            raise ConfigError(
+                f"top-up pack {name!r} is not in the configuration (known: {', '.join(sorted(self.top_ups)) or 'none'})"
+            ) from None
 
     def generation_cost(self, kind: str) -> int:
         try:
