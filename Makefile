@@ -23,4 +23,6 @@ bench: install
 	$(BIN)/python -m benchmarks.run_all
 
 ui: install
-	$(BIN)/dagster dev -w workspace.yaml
+	mkdir -p .data/dagster
+	test -f .data/dagster/dagster.yaml || cp pipelines/dagster.yaml .data/dagster/dagster.yaml
+	DAGSTER_HOME=$(CURDIR)/.data/dagster $(BIN)/dagster dev -w workspace.yaml
