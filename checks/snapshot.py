@@ -295,7 +295,7 @@ PERIOD_GRANT_COLUMNS = ("user_id", "subscription_id", "period_date", "grants", "
                         "canonical", "grant_rows", "reversed_ids")
 
 
-_GRANT_CHUNK = 100_000  # users per slice: a period belongs to one points id, so slices never split a group
+_GRANT_CHUNK = 50_000  # users per slice: a period belongs to one points id, so slices never split a group
 
 
 def _period_grants(ledger: "pd.DataFrame") -> "pd.DataFrame":
@@ -582,6 +582,9 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
             for frame_name, frame in _split_identity(snapshot.frames.pop("identity")).items():
                 snapshot.frames[frame_name] = frame
             snapshot.timings.update({n: snapshot.timings.get("identity", 0.0) for n in _IDENTITY_FRAMES})
+            from checks.state import release_memory
+
+            release_memory()  # the joined read is gone: hand its memory back before the grants are built
         if "ledger_by_user" in snapshot.frames:
             t0 = time.perf_counter()
             ledger = snapshot.frames["ledger_by_user"]

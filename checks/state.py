@@ -61,10 +61,10 @@ class IdCodes:
             arr = self._arrow(snapshot.frames[frame][col])
             chunks.extend(arr.chunks)
             sizes.append(len(arr))
-        everything = pa.chunked_array(chunks, type=pa.string())
+        everything = pa.chunked_array(chunks, type=pa.large_string())
         # one hash pass; Arrow's encoder is stateful across chunks, so every chunk shares one dictionary
         encoded = pc.dictionary_encode(everything)
-        self.universe = encoded.chunks[-1].dictionary if encoded.num_chunks else pa.array([], pa.string())
+        self.universe = encoded.chunks[-1].dictionary if encoded.num_chunks else pa.array([], pa.large_string())
         codes = (np.concatenate([c.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype("int64")
                                  for c in encoded.chunks]) if encoded.num_chunks else np.zeros(0, "int64"))
         bounds = np.cumsum([0, *sizes])
@@ -74,10 +74,10 @@ class IdCodes:
     def _arrow(series: "pd.Series") -> Any:
         import pyarrow as pa
 
-        arr = pa.array(series)
+        arr = pa.array(series)  # pandas' Arrow-backed str columns are large_string: no copy
         if isinstance(arr, pa.Array):
             arr = pa.chunked_array([arr])
-        return arr.cast(pa.string())
+        return arr if arr.type == pa.large_string() else arr.cast(pa.large_string())
 
     def code(self, frame: str, column: str) -> "np.ndarray":
         return self.codes[(frame, column)]
