@@ -244,6 +244,19 @@ def test_bulk_mode_writes_the_rows_the_functions_write(db_url: str, empty_db_url
     functions, bulk = _dump(db_url), _dump(empty_db_url)
     for table in ("users", "mapping", "subs", "ledger", "balances", "failures", "manifest"):
         assert functions[table] == bulk[table], table
+    # and nothing else the functions write (a later migration's side tables, e.g. credit lots) is missing
+    assert _row_counts(db_url) == _row_counts(empty_db_url)
+
+
+def _row_counts(url: str) -> dict[str, int]:
+    from psycopg import sql as pgsql
+
+    with psycopg.connect(url) as c:
+        tables = [r[0] for r in c.execute(
+            """SELECT tablename FROM pg_tables WHERE schemaname = 'public'
+                AND tablename NOT IN ('schema_migrations', 'demo_seed_runs') ORDER BY 1""").fetchall()]
+        return {t: c.execute(pgsql.SQL("SELECT count(*) FROM {}").format(pgsql.Identifier("public", t))).fetchone()[0]
+                for t in tables}
 
 
 def test_seed_refuses_a_database_with_users(db_url: str, conn: psycopg.Connection, config: CreditsConfig) -> None:
