@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
     from checks.snapshot import Snapshot
 
+# a handful of values a million times: categorical codes, not strings
+_LOW_CARDINALITY = ("tier", "billing_cycle", "status", "period_date")
+
 _INT_COLUMNS = ("balance", "lifetime_earned", "lifetime_spent", "reserved", "ledger_rows", "ledger_sum",
                 "ledger_earned", "ledger_spent", "chain_breaks", "failures_last_hour", "failed_amount",
                 "current_grants", "current_grants_elsewhere", "current_granted", "allocation")
@@ -91,18 +94,24 @@ class IdCodes:
 
 
 def current_period_grants(snapshot: "Snapshot", ids: "IdCodes | None" = None) -> "pd.DataFrame":
-    """Grants of each subscription's *current* period, per points id they went to (net of reversals)."""
+    """Grants of each subscription's *current* period, per points id they went to (net of reversals):
+    columns ``_sid`` / ``_uid`` (id codes of subscription and points id), grants, reversals, net,
+    net_amount, canonical. Matched on codes and one vectorised period comparison: no frame-wide merge."""
+    import pandas as pd
+
     ids = ids or IdCodes(snapshot)
     subs = snapshot.table("subscriptions")
     pg = snapshot.table("period_grants")
-    cur_period = subs[["period_date"]].rename(columns={"period_date": "current_period"}).assign(
-        _sid=ids.code("subscriptions", "subscription_id"))
-    cur = pg.assign(_sid=ids.code("period_grants", "subscription_id"), _uid=ids.code("period_grants", "user_id"))
-    cur = cur[cur["_sid"] >= 0].merge(cur_period, on="_sid", how="inner")
-    cur = cur[cur["period_date"] == cur["current_period"]]
-    cur = cur.assign(net=cur["grants"] - cur["reversals"], net_amount=cur["granted"] - cur["reversed"])
-    return cur[["subscription_id", "period_date", "user_id", "grants", "reversals", "net", "net_amount",
-                "canonical", "_sid", "_uid"]].reset_index(drop=True)
+    sid = ids.code("period_grants", "subscription_id")
+    pos = _lookup(ids.code("subscriptions", "subscription_id"), len(ids.universe))[sid]
+    current = _gather(subs["period_date"], pos)  # the subscription's current period, per grant group
+    mask = (pos >= 0) & (pg["period_date"].to_numpy(dtype=object, na_value=None) == current.to_numpy(
+        dtype=object, na_value=None)) if len(pg) else pos >= 0
+    grants, reversals = pg["grants"].to_numpy()[mask], pg["reversals"].to_numpy()[mask]
+    return pd.DataFrame({"_sid": sid[mask], "_uid": ids.code("period_grants", "user_id")[mask],
+                         "grants": grants, "reversals": reversals, "net": grants - reversals,
+                         "net_amount": pg["granted"].to_numpy()[mask] - pg["reversed"].to_numpy()[mask],
+                         "canonical": pg["canonical"].to_numpy()[mask]})
 
 
 def _lookup(keys: "np.ndarray", size: int) -> "np.ndarray":
@@ -149,6 +158,7 @@ def user_state(snapshot: "Snapshot", config: CreditsConfig, *, consume: bool = F
 
     ids = IdCodes(snapshot)
     size = len(ids.universe)
+    cur = current_period_grants(snapshot, ids)
     users = snapshot.table("bestauth_users")
     state = pd.DataFrame({"bestauth_user_id": users["bestauth_user_id"], "email": users["email"],
                           "_bid": ids.code("bestauth_users", "bestauth_user_id")})
@@ -161,11 +171,13 @@ def user_state(snapshot: "Snapshot", config: CreditsConfig, *, consume: bool = F
 
     subs = snapshot.table("subscriptions")
     pos = _lookup(ids.code("subscriptions", "bestauth_user_id"), size)[bid]
-    for col in subs.columns:
-        if col != "bestauth_user_id":
-            state[col] = _gather(subs[col], pos)
     sub_codes = {c: _codes_at(ids.code("subscriptions", c), pos)
                  for c in ("subscription_id", "meta_resolved_id", "meta_supabase_id", "meta_original_id")}
+    for col in [c for c in subs.columns if c != "bestauth_user_id"]:
+        values = _gather(subs[col], pos)
+        state[col] = values.astype("category") if col in _LOW_CARDINALITY else values
+        if consume:  # the snapshot's own frame gives its memory up column by column
+            del subs[col]
     meta = np.where(sub_codes["meta_resolved_id"] >= 0, sub_codes["meta_resolved_id"],
                     np.where(sub_codes["meta_supabase_id"] >= 0, sub_codes["meta_supabase_id"],
                              sub_codes["meta_original_id"]))
@@ -176,19 +188,18 @@ def user_state(snapshot: "Snapshot", config: CreditsConfig, *, consume: bool = F
     state["user_id"] = ids.spell(state["_uid"].to_numpy())
     state["resolution_source"] = pd.Categorical.from_codes(
         np.select([mapped >= 0, meta >= 0], [0, 1], default=2), categories=["mapping", "metadata", "bestauth_id"])
-    state["tier"] = state["tier"].fillna("free")
-    tiers = state["tier"].to_numpy(dtype=object, na_value=None)
-    cycles = state["billing_cycle"].to_numpy(dtype=object, na_value=None)
+    tier = state["tier"].cat.add_categories(["free"]) if "free" not in state["tier"].cat.categories \
+        else state["tier"]
+    state["tier"] = tier.fillna("free")
     allocation = np.zeros(len(state), dtype="int64")
-    for (tier, cycle), amount in _allocations(config).items():
-        allocation[(tiers == tier) & (cycles == cycle)] = amount
+    for (tier_name, cycle), amount in _allocations(config).items():
+        allocation[((state["tier"] == tier_name) & (state["billing_cycle"] == cycle)).to_numpy()] = amount
     state["allocation"] = allocation
     state["paid_tier"] = state["tier"] != "free"
     state["tier_configured"] = ~state["paid_tier"] | state["tier"].isin(list(config.tiers))
     state["paid_current"] = state["paid_tier"] & state["status"].isin(list(PAID_STATUSES))
     state["orphan"] = False
-    cur = current_period_grants(snapshot, ids)
-    del users, mapping, subs, tiers, cycles
+    del users, mapping, subs
     if consume:
         for name in ("bestauth_users", "subscriptions"):
             snapshot.frames.pop(name, None)
@@ -238,7 +249,8 @@ def user_state(snapshot: "Snapshot", config: CreditsConfig, *, consume: bool = F
     state["first_break_id"] = state["first_break_id"].astype("Int64")
     state["last_balance_after"] = state["last_balance_after"].astype("Int64")
     for col in ("tier", "billing_cycle", "status", "period_date", "resolution_source"):
-        state[col] = state[col].astype("category")  # a handful of values a million times: codes, not strings
+        if not isinstance(state[col].dtype, pd.CategoricalDtype):  # the orphans' concat may undo it
+            state[col] = state[col].astype("category")
 
     del ids, cur
     _mapping_evidence(state, snapshot)
