@@ -187,13 +187,19 @@ def child_audit(url: str, flags_file: str | None) -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     t_start = time.perf_counter()
     from checks.audit import run_audit
+    from checks.gx_adapter import gx
     from ledger.config import load_config
 
+    gx()  # GE's import (seconds) belongs to the process, not to run_audit
     config = load_config()
     t_imported = time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_at_import = r0.ru_utime + r0.ru_stime
     report = run_audit(url, config)
     t_done = time.perf_counter()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak_kb = usage.ru_maxrss  # KiB on Linux
+    cpu_imports = cpu_at_import
     if flags_file:
         flags: dict[str, list[str]] = {}
         for f in report.findings:
@@ -201,24 +207,54 @@ def child_audit(url: str, flags_file: str | None) -> None:
         Path(flags_file).write_text(json.dumps(flags))
     print(json.dumps({
         "audit_seconds": round(t_done - t_imported, 3), "import_seconds": round(t_imported - t_start, 3),
+        "client_cpu_seconds": round(usage.ru_utime + usage.ru_stime - cpu_imports, 2),
         "peak_rss_mb": round(peak_kb / 1024, 1), "status": report.status, "findings": len(report.findings),
         "planned_fixes": len(report.plan), "checked_users": report.checked_users,
         "timings": {k: round(v, 3) for k, v in report.timings.items()}, "counts": report.counts(),
     }), flush=True)
 
 
+def server_cpu_seconds(url: str) -> float | None:
+    """CPU seconds used so far by the server's processes (live backends and reaped ones), or None when the
+    server is not a local process we can see. CPU time, unlike wall time, hardly moves with the load other
+    work puts on the machine: it is the figure to compare across runs."""
+    try:
+        import psutil
+
+        with db.connect(url, autocommit=True) as c:
+            pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+            postmaster = psutil.Process(pid).parent()
+            if postmaster is None:
+                return None
+            t = postmaster.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in postmaster.children():
+                try:
+                    ct = child.cpu_times()
+                    total += ct.user + ct.system
+                except psutil.Error:
+                    pass
+            return total
+    except Exception:  # a remote server, no permission: wall time only
+        return None
+
+
 def run_child(url: str, flags_file: str | None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.audit_scale", "--child-audit", url]
     if flags_file:
         cmd += ["--flags-file", flags_file]
+    server_before = server_cpu_seconds(url)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "GX_ANALYTICS_ENABLED": "false"},
                           cwd=PROJECT_ROOT)
     wall = time.perf_counter() - t0
+    server_after = server_cpu_seconds(url)
     if proc.returncode != 0:
         raise SystemExit(f"audit subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_seconds"] = round(wall, 3)
+    if server_before is not None and server_after is not None:
+        result["server_cpu_seconds"] = round(server_after - server_before, 2)
     return result
 
 
@@ -378,11 +414,17 @@ def main(argv: list[str] | None = None) -> int:
         res = run_child(url, flags_file if i == 0 else None)
         audits.append(res)
         log(f"full audit round {i + 1}: run_audit {res['audit_seconds']:.1f} s, process {res['process_seconds']:.1f} s, "
+            f"CPU client {res['client_cpu_seconds']:.1f} s + server {res.get('server_cpu_seconds', float('nan')):.1f} s, "
             f"peak RSS {res['peak_rss_mb']:.0f} MB, {res['findings']:,} findings; {res['timings']}")
 
     rng = random.Random(args.seed)
     sample = rng.sample(ids, min(args.sample, len(ids)))
+    server_before = server_cpu_seconds(url)
+    cpu_before = time.process_time()
     loop_s, loop_flags, by_query = loop_sample(url, sample, config)
+    loop_client_cpu = time.process_time() - cpu_before
+    server_after = server_cpu_seconds(url)
+    loop_server_cpu = (server_after - server_before) if server_before is not None and server_after is not None else None
     per_user = loop_s / len(sample)
     loop_extrapolated = per_user * len(ids)
     # the schema has no index on points_deduction_failures(user_id): that query scans the last hour's
@@ -402,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         agreement[rule] = {"audit": len(a), "loop": len(b), "both": len(a & b)}
 
     audit_s = statistics.median(r["audit_seconds"] for r in audits)
+    audit_cpu = statistics.median(r["client_cpu_seconds"] + r.get("server_cpu_seconds", 0.0) for r in audits)
+    loop_cpu_per_user = (loop_client_cpu + (loop_server_cpu or 0.0)) / len(sample)
     process_s = statistics.median(r["process_seconds"] for r in audits)
     peak = max(r["peak_rss_mb"] for r in audits)
     ratio = loop_extrapolated / audit_s
@@ -412,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb_max": peak, "loop_sample": len(sample), "loop_seconds": round(loop_s, 2),
         "loop_ms_per_user": round(per_user * 1000, 3), "loop_extrapolated_seconds": round(loop_extrapolated, 1),
         "speedup": round(ratio, 1),
+        "full_audit_cpu_seconds_median": round(audit_cpu, 1),
+        "loop_cpu_ms_per_user": round(loop_cpu_per_user * 1000, 3),
+        "loop_cpu_extrapolated_seconds": round(loop_cpu_per_user * len(ids), 1),
+        "cpu_ratio": round(loop_cpu_per_user * len(ids) / audit_cpu, 1) if audit_cpu else None,
+        "server_cpu_measured": loop_server_cpu is not None,
         "loop_ms_per_user_by_query": {k: round(v / len(sample) * 1000, 3) for k, v in by_query.items()},
         "loop_ms_per_user_without_failures_query": round(per_user_nofail * 1000, 3),
         "speedup_vs_loop_without_failures_query": round(ratio_nofail, 1),
@@ -428,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\naudit_scale: {len(ids):,} users, {ledger_rows:,} ledger rows ({db.describe_url(url)})")
     print(f"  full audit (run_audit, median of {len(audits)}): {audit_s:.1f} s   "
           f"[process incl. imports {process_s:.1f} s]   peak RSS {peak:.0f} MB")
+    print(f"  CPU (client + server, load-independent): audit {audit_cpu:.1f} s (median); loop "
+          f"{loop_cpu_per_user * 1000:.2f} ms/user -> {loop_cpu_per_user * len(ids):,.0f} s for all"
+          + ("" if loop_server_cpu is not None else " (client only: server not visible)"))
     print(f"  per-user loop: {per_user * 1000:.2f} ms/user on {len(sample):,} users -> {loop_extrapolated:,.0f} s "
           f"for all {len(ids):,}")
     print("  loop by query (ms/user): " + ", ".join(f"{k} {v / len(sample) * 1000:.2f}" for k, v in by_query.items())
