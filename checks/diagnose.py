@@ -76,9 +76,9 @@ def _rule_check(name: str, rule_id: str, results: dict[str, Any], ok_detail: str
 
 
 def _brief(value: Any) -> str:
-    import json
+    from checks.report import compact
 
-    text = json.dumps(plain(value), default=str) if not isinstance(value, str) else value
+    text = compact(value) if not isinstance(value, str) else value
     return text if len(text) <= 160 else text[:157] + "..."
 
 

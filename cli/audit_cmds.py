@@ -144,12 +144,17 @@ def register(app: typer.Typer) -> None:
                       f"points {u.get('user_id')} (via {u.get('resolved_via')})  tier {u.get('tier')} "
                       f"{u.get('billing_cycle') or ''} {u.get('status') or ''}  balance {u.get('balance')}")
             t = Table(show_edge=False)
-            for col in ("check", "result", "detail", "fix"):
-                t.add_column(col)
+            t.add_column("check", no_wrap=True)
+            t.add_column("result", no_wrap=True)
+            t.add_column("detail", ratio=3)
+            t.add_column("fix", ratio=2)
             marks = {"pass": "[green]PASS[/]", "fail": "[red]FAIL[/]", "warn": "[yellow]WARN[/]", "skip": "[dim]skip[/]"}
             for c in dx.checks:
                 t.add_row(c.name, marks[c.status], c.detail, c.fix or "")
-            out.print(t)
+            from rich.console import Console
+
+            console = out if out.is_terminal and out.width >= 140 else Console(highlight=False, width=160)
+            console.print(t)
             out.print(f"status: [{STYLE[dx.status]}]{dx.status}[/]")
         raise typer.Exit(dx.exit_code)
 
