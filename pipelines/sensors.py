@@ -105,9 +105,9 @@ def _finished_runs(instance: DagsterInstance, after: int | None, since: float | 
     found: list[Any] = []
     bounds: list[int] = []
     for event_type in (DagsterEventType.RUN_SUCCESS, DagsterEventType.RUN_FAILURE):
+        # no job_names filter in the query: not every event storage supports it (the in-memory one does not)
         flt = RunStatusChangeRecordsFilter(event_type=event_type, after_storage_id=after,
-                                           after_timestamp=since if after is None else None,
-                                           job_names=list(WATCHED_JOBS))
+                                           after_timestamp=since if after is None else None)
         records = instance.fetch_run_status_changes(flt, limit=BATCH, ascending=True).records
         found.extend(records)
         if len(records) == BATCH:
@@ -116,7 +116,7 @@ def _finished_runs(instance: DagsterInstance, after: int | None, since: float | 
     if bounds:
         found = [r for r in found if r.storage_id <= min(bounds)]
     cursor = found[-1].storage_id if found else after
-    return found, cursor
+    return [r for r in found if r.event_log_entry.job_name in WATCHED_JOBS], cursor
 
 
 @sensor(name="critical_findings_alert", minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,

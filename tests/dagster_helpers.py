@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
+import pytest
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 
 from assets.partitions import partition_key_for
 from pipelines.definitions import defs
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
+    """An in-memory Dagster instance (runs, events, check evaluations), IO manager files under tmp_path:
+    the same storage API as SQLite, without an fsync per event."""
+    inst = DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster"))
+    try:
+        yield inst
+    finally:
+        inst.dispose()
 
 
 def today() -> str:

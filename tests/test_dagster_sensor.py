@@ -12,10 +12,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from dagster import DagsterInstance, SensorResult, build_sensor_context, instance_for_test
+from dagster import AssetKey, DagsterInstance, SensorResult, build_sensor_context
 
+from assets.credit_state import credit_state
+from checks.snapshot import SNAPSHOT_TABLES
 from pipelines.sensors import WEBHOOK_ENV, critical_findings_alert
 from tests.audit_cases import paid_user
+from tests.dagster_helpers import instance  # noqa: F401 (fixture)
 from tests.dagster_helpers import checks_by_rule, run_job, today
 from tests.factories import make_user
 
@@ -56,10 +59,14 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-@pytest.fixture
-def instance() -> Iterator[DagsterInstance]:
-    with instance_for_test() as inst:
-        yield inst
+
+
+# the sensor reads check evaluations: the runs need the snapshots, the state and its checks, not the report
+CHECKS_ONLY = [*(AssetKey(["snapshot", t]) for t in SNAPSHOT_TABLES), credit_state.key]
+
+
+def audit(db_url: str, instance: DagsterInstance) -> Any:
+    return run_job("daily_audit", db_url, instance, partition=today(), asset_selection=CHECKS_ONLY)
 
 
 def evaluate(instance: DagsterInstance, cursor: str | None) -> SensorResult:
@@ -79,7 +86,7 @@ def test_alert_posts_once_per_critical_run(db_url: str, conn: psycopg.Connection
                                            receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(WEBHOOK_ENV, receiver.url)
     assert "0 finished run(s)" in evaluate(instance, None).skip_reason.skip_message
-    healthy = run_job("daily_audit", db_url, instance, partition=today())
+    healthy = audit(db_url, instance)
     assert all(ev.passed for ev in checks_by_rule(healthy).values())
     first = evaluate(instance, None)
     assert receiver.posts == []  # a healthy run posts nothing
@@ -87,7 +94,7 @@ def test_alert_posts_once_per_critical_run(db_url: str, conn: psycopg.Connection
 
     make_user(conn, mapped_to=None)  # mapping_present: a warning, named in the message but not its cause
     case = paid_user(conn, grant=False)  # paid_users_funded: critical
-    critical = run_job("daily_audit", db_url, instance, partition=today())
+    critical = audit(db_url, instance)
     second = evaluate(instance, first.cursor)
     assert len(receiver.posts) == 1
     post = receiver.posts[0]
@@ -103,7 +110,7 @@ def test_alert_posts_once_per_critical_run(db_url: str, conn: psycopg.Connection
     assert len(receiver.posts) == 1 and third.cursor == second.cursor
 
     # no URL: nothing posted, nothing fails, and the run is consumed (not posted later)
-    run_job("daily_audit", db_url, instance, partition=today())
+    audit(db_url, instance)
     monkeypatch.delenv(WEBHOOK_ENV)
     fourth = evaluate(instance, third.cursor)
     assert "not set" in fourth.skip_reason.skip_message and fourth.cursor != third.cursor
