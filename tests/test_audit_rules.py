@@ -287,3 +287,15 @@ def test_monitor_counts_match_the_audit_on_its_indicators(db_url, conn, config):
     report = run_audit(db_url, config)
     assert m.counts["paid_unfunded"] == len(report.results["paid_users_funded"].findings)
     assert m.counts["unmapped_users"] == len(report.results["mapping_present"].findings)
+
+
+def test_audit_as_of_a_past_instant(db_url, conn, config):
+    """As of a past instant the ledger is cut there; the cache (no history) is not compared with it."""
+    before = conn.execute("SELECT now()").fetchone()[0]
+    case = paid_user(conn, spend=100)
+    drift(conn, case["pid"], 70)
+    now_report = run_audit(db_url, config, rules=["ledger_integrity"])
+    assert [f.bestauth_user_id for f in now_report.findings] == [str(case["bid"])]
+    past = run_audit(db_url, config, rules=["ledger_integrity"], as_of=before)
+    assert past.findings == [] and past.as_of == before
+    assert past.to_json()["as_of"] == before.isoformat()
