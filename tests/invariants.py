@@ -2,7 +2,8 @@
 
 For every user (or the given ones): balance = sum(ledger) = lifetime_earned - lifetime_spent,
 balance >= 0, reserved = the user's active holds, 0 <= reserved <= balance (spendable >= 0), and each
-ledger row's balance_after follows from the one before. One row per idempotency key is a UNIQUE
+ledger row's balance_after follows from the one before, and (issue 6) the lots agree: the sum of open lots
+= balance, each lot's granted - remaining = what drew on it, every draw was covered by a lot. One row per idempotency key is a UNIQUE
 constraint; ``duplicate_keys`` double-checks it in case a later migration loosens the table.
 """
 
@@ -27,19 +28,39 @@ WITH l AS (
     SELECT r.user_id, sum(r.amount) AS held FROM public.points_reservations r
      WHERE r.status = 'active' AND (%(users)s::uuid[] IS NULL OR r.user_id = ANY (%(users)s::uuid[]))
      GROUP BY r.user_id
+), lots AS (
+    SELECT x.user_id, sum(x.remaining) AS open_sum,
+           count(*) FILTER (WHERE x.granted - x.remaining - x.consumed_before
+                                  <> coalesce(c.drawn, 0)) AS lot_breaks,
+           sum(x.remaining) FILTER (WHERE x.expires_at <= now()) AS expired_open
+      FROM public.points_lots x
+      LEFT JOIN (SELECT k.lot_id, sum(k.amount) AS drawn FROM public.points_lot_consumptions k
+                  WHERE k.lot_id IS NOT NULL GROUP BY k.lot_id) c ON c.lot_id = x.id
+     WHERE %(users)s::uuid[] IS NULL OR x.user_id = ANY (%(users)s::uuid[])
+     GROUP BY x.user_id
+), uncovered AS (
+    SELECT k.user_id, sum(k.amount) AS n FROM public.points_lot_consumptions k
+     WHERE k.lot_id IS NULL AND (%(users)s::uuid[] IS NULL OR k.user_id = ANY (%(users)s::uuid[]))
+     GROUP BY k.user_id
 ), b AS (
     SELECT * FROM public.points_balances x
      WHERE %(users)s::uuid[] IS NULL OR x.user_id = ANY (%(users)s::uuid[])
 )
 SELECT coalesce(b.user_id, l.user_id, h.user_id) AS user_id, b.balance, b.lifetime_earned, b.lifetime_spent,
-       b.reserved, l.s AS ledger_sum, l.chain_breaks, h.held AS active_holds
+       b.reserved, l.s AS ledger_sum, l.chain_breaks, h.held AS active_holds, lots.open_sum, lots.lot_breaks,
+       lots.expired_open, u.n AS uncovered
   FROM b FULL JOIN l ON l.user_id = b.user_id FULL JOIN h ON h.user_id = coalesce(b.user_id, l.user_id)
+  LEFT JOIN lots ON lots.user_id = coalesce(b.user_id, l.user_id, h.user_id)
+  LEFT JOIN uncovered u ON u.user_id = coalesce(b.user_id, l.user_id, h.user_id)
  WHERE coalesce(b.balance, 0) <> coalesce(l.s, 0)
     OR coalesce(b.balance, 0) <> coalesce(b.lifetime_earned, 0) - coalesce(b.lifetime_spent, 0)
     OR coalesce(b.balance, 0) < 0
     OR coalesce(b.reserved, 0) <> coalesce(h.held, 0)
     OR coalesce(b.reserved, 0) > coalesce(b.balance, 0)
     OR coalesce(l.chain_breaks, 0) > 0
+    OR coalesce(lots.open_sum, 0) <> coalesce(b.balance, 0)
+    OR coalesce(lots.lot_breaks, 0) > 0
+    OR coalesce(u.n, 0) > 0
 """
 
 

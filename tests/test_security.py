@@ -176,12 +176,12 @@ def test_security_exposures_lists_a_loosened_grant_and_migrate_closes_it(conn: p
                                                                          login_role) -> None:
     assert conn.execute("SELECT * FROM public.security_exposures").fetchall() == []
     role, _ = login_role()
-    conn.execute("GRANT EXECUTE ON FUNCTION public.add_points(uuid, bigint, text, text, text, jsonb) TO PUBLIC")
+    conn.execute("GRANT EXECUTE ON FUNCTION public.add_points(uuid, bigint, text, text, text, jsonb, timestamptz, integer) TO PUBLIC")
     conn.execute(sql.SQL("GRANT UPDATE ON public.points_balances TO {}").format(sql.Identifier(role)))
     conn.execute("ALTER FUNCTION public.release_reservation(text) RESET search_path")
     found = {(k, o, g, p) for k, o, g, p in conn.execute("SELECT * FROM public.security_exposures").fetchall()}
     assert found == {
-        ("definer_executable_by", "add_points(uuid,bigint,text,text,text,jsonb)", "PUBLIC", "EXECUTE"),
+        ("definer_executable_by", "add_points(uuid,bigint,text,text,text,jsonb,timestamp with time zone,integer)", "PUBLIC", "EXECUTE"),
         ("money_table_writable_by", "points_balances", role, "UPDATE"),
         ("definer_without_search_path", "release_reservation(text)", None, None),
     }
@@ -249,7 +249,7 @@ def test_supabase_rls_user_reads_only_own_rows_and_writes_nothing(
     config = CreditsConfig(database=DatabaseConfig(service_role=service))
     migrate(conn, config)
     # the exposure view sees what Supabase's default privileges hand out, until the grant step revokes it
-    conn.execute("GRANT EXECUTE ON FUNCTION public.add_points(uuid, bigint, text, text, text, jsonb) TO authenticated")
+    conn.execute("GRANT EXECUTE ON FUNCTION public.add_points(uuid, bigint, text, text, text, jsonb, timestamptz, integer) TO authenticated")
     assert conn.execute("SELECT count(*) FROM public.security_exposures WHERE grantee = 'authenticated'"
                         ).fetchone()[0] == 1
     apply_supabase_rls(conn, config)
