@@ -14,10 +14,12 @@ from ledger.errors import (
     InvalidAmount,
     InvalidArgument,
     LedgerImmutable,
+    RefundRefused,
     ReservationError,
     SubscriptionGrantError,
     UnknownUser,
 )
+from ledger.lots import Draw, Expiry, Lot, Refund
 from ledger.reservations import ExpiredRelease, Hold, Reservation, ReservationState
 from ledger.service import Balance, GenerationCharge, GenerationCheck, Ledger, LedgerWrite, Resolution, Transaction
 from ledger.subscriptions import SubscriptionEvent, SubscriptionEventResult, handle_subscription_event
@@ -28,5 +30,5 @@ __all__ = [
     "GenerationCharge", "GenerationCheck", "IdempotencyConflict", "InsufficientCredits", "InvalidAmount",
     "InvalidArgument", "Ledger", "LedgerImmutable", "LedgerWrite", "Resolution", "ReservationError",
     "SubscriptionEvent", "SubscriptionEventResult", "SubscriptionGrantError", "Transaction", "UnknownUser",
-    "handle_subscription_event", "load_config",
+    "handle_subscription_event", "load_config", "Draw", "Expiry", "Lot", "Refund", "RefundRefused",
 ]

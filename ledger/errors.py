@@ -61,6 +61,10 @@ class SubscriptionGrantError(CreditError):
     """A subscription event could not be turned into its period's grant."""
 
 
+class RefundRefused(CreditError):
+    """A refund that is not allowed: not a generation's deduction, more than it charged, or a second one."""
+
+
 class AmbiguousUser(CreditError):
     """Evidence for a user's id conflicts; a person must decide."""
 
@@ -72,6 +76,7 @@ _BY_SQLSTATE: dict[str, type[CreditError]] = {
     "CR004": InvalidArgument,
     "CR005": ReservationError,
     "CR006": UnknownUser,
+    "CR008": RefundRefused,
     "CR010": LedgerImmutable,
     "22P02": InvalidArgument,  # invalid text representation (e.g. a malformed uuid)
     "22P05": InvalidArgument,  # untranslatable character (e.g. \u0000 in a jsonb string)

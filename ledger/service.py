@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from ledger import db
+from ledger.lots import LotsMixin
 from ledger.config import PAID_STATUSES, CreditsConfig, load_config
 from ledger.errors import (
     DatabaseUnavailable,
@@ -151,7 +152,7 @@ def check_key(key: object) -> str:
     return check_text(key, "idempotency key")
 
 
-class Ledger(ReservationsMixin):
+class Ledger(ReservationsMixin, LotsMixin):
     """A pooled handle on the ledger. Thread-safe; share one per process."""
 
     # writes are retried this many times in all on a transient fault (see is_retryable), sleeping
@@ -369,7 +370,9 @@ class Ledger(ReservationsMixin):
     # ---------------------------------------------------------------- reads
 
     def balance(self, user_id: uuid.UUID | str) -> Balance:
+        """The user's balance, after what is due to expire is written off (never shows expired credits)."""
         uid = parse_uuid(user_id)
+        self._fetchone("SELECT public.expire_lots_if_due(%s)", (uid,))
         with self.connection() as conn:
             row = conn.execute(
                 "SELECT user_id, balance, lifetime_earned, lifetime_spent, updated_at "
