@@ -2,8 +2,8 @@
 
 Hypothesis drives a state machine over a handful of users: grants, refunds, deductions, holds,
 captures (whole or partial), releases, expiry (the lazy kind and the sweep), replayed keys (same or
-conflicting parameters) and subscription webhook events (retried, out of order, upgraded mid-period,
-unpaid states). After every step, for this example's users: balance = sum(ledger) =
+conflicting parameters) and subscription webhook events (retried, out of order, upgraded or downgraded
+mid-period, unpaid states). After every step, for this example's users: balance = sum(ledger) =
 earned - spent, balance >= 0, 0 <= reserved = active holds <= balance, the balance_after chain
 holds, one ledger row per key -- and every balance, hold and refusal is what the model predicts.
 
@@ -42,6 +42,7 @@ from ledger import (
     ReservationError,
     SubscriptionEvent,
 )
+from ledger.proration import ProrationState, fraction_left, upgrade
 from ledger.subscriptions import handle_subscription_event
 from tests.factories import make_user
 from tests.invariants import integrity_problems
@@ -140,6 +141,8 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
                 self.subscribers.append((bid, uuid.uuid4()))
             self.model = Model()
             self.n = 0
+            self.subscription_rows: dict[int, tuple[int, str, str]] = {}
+            self.prorations: dict[tuple[int, int], ProrationState] = {}
 
         def _name(self, kind: str) -> str:
             self.n += 1
@@ -290,20 +293,42 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
                                       status=status, current_period_start=start,
                                       current_period_end=start + timedelta(days=30), event_id=self._name("evt"))
             granted_before = self.model.periods.get((s, period))
-            if status not in ("active", "trialing"):
+            cur = self.subscription_rows.get(s)  # (period, tier, status) of the subscription row
+            paid = status in ("active", "trialing")
+            if paid and cur is not None and cur[0] == period and cur[2] in ("active", "trialing") and cur[1] != tier:
+                # a plan change inside the row's current period (issue 6): an upgrade grants the prorated
+                # difference now (these periods are over: 0 credits), a downgrade waits for the period's end
+                res = handle_subscription_event(ledger, event)
+                if TIERS[tier] > TIERS[cur[1]]:
+                    left = fraction_left(start, start + timedelta(days=30), datetime.now(timezone.utc))
+                    grant, self.prorations[(s, period)] = upgrade(
+                        self.prorations.get((s, period), ProrationState()), TIERS[cur[1]], TIERS[tier], left, "down")
+                    assert (res.plan_change, res.granted) == ("upgrade", grant)
+                    if grant:
+                        self.model.add(s, grant)
+                    self.subscription_rows[s] = (period, tier, status)
+                else:
+                    assert (res.plan_change, res.granted) == ("downgrade", 0)
+                    self.subscription_rows[s] = (period, cur[1], status)
+            elif not paid:
                 assert handle_subscription_event(ledger, event).granted == 0
+                self.subscription_rows[s] = (period, tier, status)
             elif granted_before is None:
                 res = handle_subscription_event(ledger, event)
                 assert (res.granted, res.duplicate) == (TIERS[tier], False)
                 self.model.add(s, TIERS[tier])
                 self.model.periods[(s, period)] = TIERS[tier]
-            elif granted_before == TIERS[tier]:
+                self.subscription_rows[s] = (period, tier, status)
+            elif granted_before == TIERS[tier] or (cur is not None and cur[:2] == (period, tier)):
+                # granted already (the row's own plan redelivered: the period key may hold the plan the
+                # period started with, before an upgrade)
                 assert handle_subscription_event(ledger, event).duplicate
+                self.subscription_rows[s] = (period, tier, status)
             else:
                 try:
                     handle_subscription_event(ledger, event)
                 except IdempotencyConflict:
-                    pass  # the period was granted at another tier: a person decides, nothing doubles
+                    pass  # another period granted at another tier: a person decides, nothing doubles
                 else:
                     raise AssertionError("a period was granted twice at different tiers")
 
