@@ -196,7 +196,7 @@ class LotsMixin:
                     ORDER BY id DESC LIMIT %s""", (uid, open_only, limit)).fetchall()
             draws = cur.execute(
                 """SELECT k.lot_id, k.transaction_id, t.transaction_type, k.amount, k.created_at, t.description
-                     FROM public.points_lot_consumptions k
+                     FROM public.points_lot_draws k
                      JOIN public.points_transactions t ON t.id = k.transaction_id
                     WHERE k.lot_id = ANY (%s) ORDER BY k.transaction_id""", ([lot["id"] for lot in lots],)).fetchall()
         by_lot: dict[int, list[Draw]] = {}

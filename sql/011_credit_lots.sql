@@ -4,7 +4,7 @@
 -- optional expiry, taken from the row's metadata.lot ({"expires_at", "priority", "rollover_cap",
 -- "rollover_until"}; add_points' p_expires_at / p_priority fill it in). Every negative ledger row draws
 -- on lots, recorded in points_lot_consumptions (which lot, how much), so a user can see where each credit
--- went:
+-- went (the view points_lot_draws; a single-lot deduction carries its lot in points_transactions.lot_id):
 --   - a deduction or a capture draws by priority (lower first), then soonest expiry (none last), then
 --     oldest;
 --   - an `expiry` row draws on the lot named by its metadata.lot_id;
@@ -54,6 +54,18 @@ CREATE TABLE public.points_lot_consumptions (
 CREATE INDEX points_lot_consumptions_tx_idx ON public.points_lot_consumptions (transaction_id);
 CREATE INDEX points_lot_consumptions_lot_idx ON public.points_lot_consumptions (lot_id);
 
+-- The common draw -- one lot covers the whole deduction -- is recorded on the ledger row itself
+-- (points_transactions.lot_id, set by deduct_points' fast path), which saves a row per deduction;
+-- every other draw (several lots, expiry, refunds) is in points_lot_consumptions. points_lot_draws is
+-- both: read draws from it.
+ALTER TABLE public.points_transactions ADD COLUMN lot_id bigint;
+
+CREATE VIEW public.points_lot_draws AS
+SELECT c.transaction_id, c.lot_id, c.user_id, c.amount, c.created_at FROM public.points_lot_consumptions c
+UNION ALL
+SELECT t.id, t.lot_id, t.user_id, -t.amount, t.created_at FROM public.points_transactions t
+ WHERE t.lot_id IS NOT NULL;
+
 CREATE TRIGGER points_lot_consumptions_no_update_delete
     BEFORE UPDATE OR DELETE ON public.points_lot_consumptions
     FOR EACH ROW EXECUTE FUNCTION public.points_transactions_immutable();
@@ -88,7 +100,7 @@ BEGIN
             v_left := NEW.amount;
             -- back to the lots the deduction drew on, the last drawn first, never more than each gave
             FOR d IN SELECT c.lot_id, sum(c.amount)::bigint AS net
-                       FROM public.points_lot_consumptions c
+                       FROM public.points_lot_draws c
                       WHERE c.transaction_id = v_refund_of AND c.lot_id IS NOT NULL
                       GROUP BY c.lot_id HAVING sum(c.amount) > 0
                       ORDER BY c.lot_id DESC LOOP
@@ -185,9 +197,10 @@ SELECT g.id, g.user_id, g.transaction_type, g.amount, g.remaining, g.amount - g.
     WINDOW w AS (PARTITION BY t.user_id ORDER BY t.id)
   ) g;
 
+-- rows that carry their draw (lot_id) were drawn by their writer; the trigger does all the others
 CREATE TRIGGER points_transactions_lots
     AFTER INSERT ON public.points_transactions
-    FOR EACH ROW EXECUTE FUNCTION public.points_lots_follow_ledger();
+    FOR EACH ROW WHEN (NEW.lot_id IS NULL) EXECUTE FUNCTION public.points_lots_follow_ledger();
 
 -- ------------------------------------------------------------------------------------------------ expiry
 
@@ -442,7 +455,9 @@ BEGIN
     RETURN QUERY SELECT v_new, v_id, false;
 END $$;
 
--- 008's fast path, carried forward: it is taken only while nothing of the user's is due to expire.
+-- 008's fast path, carried forward: it is taken only while nothing of the user's is due to expire, and
+-- it draws the first lot itself when that lot covers the amount (recorded in the row's lot_id: no
+-- trigger call, no consumption row -- one HOT update more than 008).
 CREATE OR REPLACE FUNCTION public.deduct_points(p_user_id uuid, p_amount bigint, p_transaction_type text,
                                                 p_description text, p_idempotency_key text DEFAULT NULL,
                                                 p_metadata jsonb DEFAULT '{}'::jsonb)
@@ -451,6 +466,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
     v_new bigint;
     v_id bigint;
+    v_lot bigint;
 BEGIN
     IF p_user_id IS NOT NULL AND p_amount > 0 AND length(p_idempotency_key) BETWEEN 1 AND 512 THEN
         UPDATE public.points_balances b
@@ -466,10 +482,17 @@ BEGIN
         RETURNING b.balance INTO v_new;
 
         IF v_new IS NOT NULL THEN
+            -- the first lot in consumption order, when it covers the whole amount (else the trigger draws)
+            UPDATE public.points_lots l SET remaining = l.remaining - p_amount
+             WHERE l.id = (SELECT x.id FROM public.points_lots x
+                            WHERE x.user_id = p_user_id AND x.remaining > 0
+                            ORDER BY x.priority, x.expires_at, x.id LIMIT 1)
+               AND l.remaining >= p_amount
+            RETURNING l.id INTO v_lot;
             INSERT INTO public.points_transactions AS t
-                (user_id, amount, balance_after, transaction_type, description, idempotency_key, metadata)
+                (user_id, amount, balance_after, transaction_type, description, idempotency_key, metadata, lot_id)
             VALUES (p_user_id, -p_amount, v_new, p_transaction_type, p_description, p_idempotency_key,
-                    coalesce(p_metadata, '{}'::jsonb))
+                    coalesce(p_metadata, '{}'::jsonb), v_lot)
             ON CONFLICT (idempotency_key) DO NOTHING
             RETURNING t.id INTO v_id;
 
@@ -484,6 +507,7 @@ BEGIN
             UPDATE public.points_balances b
                SET balance = b.balance + p_amount, lifetime_spent = b.lifetime_spent - p_amount
              WHERE b.user_id = p_user_id;
+            UPDATE public.points_lots l SET remaining = l.remaining + p_amount WHERE l.id = v_lot;
             RETURN QUERY SELECT * FROM public.ledger_replay(p_idempotency_key, p_user_id, -p_amount,
                                                             p_transaction_type);
             RETURN;

@@ -34,12 +34,12 @@ WITH l AS (
                                   <> coalesce(c.drawn, 0)) AS lot_breaks,
            sum(x.remaining) FILTER (WHERE x.expires_at <= now()) AS expired_open
       FROM public.points_lots x
-      LEFT JOIN (SELECT k.lot_id, sum(k.amount) AS drawn FROM public.points_lot_consumptions k
+      LEFT JOIN (SELECT k.lot_id, sum(k.amount) AS drawn FROM public.points_lot_draws k
                   WHERE k.lot_id IS NOT NULL GROUP BY k.lot_id) c ON c.lot_id = x.id
      WHERE %(users)s::uuid[] IS NULL OR x.user_id = ANY (%(users)s::uuid[])
      GROUP BY x.user_id
 ), uncovered AS (
-    SELECT k.user_id, sum(k.amount) AS n FROM public.points_lot_consumptions k
+    SELECT k.user_id, sum(k.amount) AS n FROM public.points_lot_draws k
      WHERE k.lot_id IS NULL AND (%(users)s::uuid[] IS NULL OR k.user_id = ANY (%(users)s::uuid[]))
      GROUP BY k.user_id
 ), b AS (

@@ -31,7 +31,7 @@ def lots(conn: psycopg.Connection, uid: uuid.UUID) -> dict[int, tuple[int, int]]
 
 def draws(conn: psycopg.Connection, tx: int) -> dict[int | None, int]:
     return {lot: n for lot, n in conn.execute(
-        "SELECT lot_id, amount FROM public.points_lot_consumptions WHERE transaction_id = %s", (tx,))}
+        "SELECT lot_id, amount FROM public.points_lot_draws WHERE transaction_id = %s", (tx,))}
 
 
 def test_every_grant_is_a_lot_and_draws_follow_priority_expiry_age(ledger: Ledger, conn: psycopg.Connection) -> None:
