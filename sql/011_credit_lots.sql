@@ -329,7 +329,8 @@ END $$;
 
 -- Return a failed generation's credits to the lots it drew on: once per deduction (key
 -- 'refund:<transaction id>'), never more than it charged. Default: all of it. A retry answers
--- duplicate = true; a second refund of another amount is refused (CR008).
+-- duplicate = true; a second refund of another amount is refused (CR008). Credits that go back to a lot
+-- which has expired meanwhile expire again at once (an `expiry` row right after the refund's).
 CREATE FUNCTION public.refund_generation(p_transaction_id bigint, p_amount bigint DEFAULT NULL,
                                          p_description text DEFAULT NULL)
 RETURNS TABLE (new_balance bigint, transaction_id bigint, duplicate boolean, refunded bigint)
@@ -374,6 +375,8 @@ BEGIN
         d.user_id, v_amount, 'refund',
         coalesce(left(p_description, 1000), format('refund of failed generation (ledger row %s)', p_transaction_id)),
         v_key, jsonb_build_object('refund_of', p_transaction_id));
+    -- credits returned to a lot that has expired since expire with it now, not at the next operation
+    PERFORM public.expire_lots_if_due(d.user_id);
     RETURN QUERY SELECT w.new_balance, w.transaction_id, w.duplicate, v_amount;
 END $$;
 

@@ -271,3 +271,20 @@ def test_bad_lot_terms_are_refused(conn: psycopg.Connection) -> None:
     with pytest.raises(psycopg.Error):
         conn.execute("SELECT * FROM public.add_points(%s, 5, 'adjustment', 'x', 'k', '{\"lot\": 3}')", (uid,))
     assert conn.execute("SELECT count(*) FROM public.points_transactions").fetchone()[0] == 0
+
+
+def test_a_refund_into_an_expired_lot_expires_again_at_once(ledger: Ledger, conn: psycopg.Connection) -> None:
+    uid = uuid.uuid4()
+    boundary = conn.execute("SELECT clock_timestamp() + interval '1 second'").fetchone()[0]
+    lot = grant(conn, uid, 10, "short", expires_at=boundary)
+    keep = grant(conn, uid, 2, "keep")
+    w = ledger.deduct(uid, 6, idempotency_key="gen")  # drawn from the expiring lot
+    conn.execute("SELECT pg_sleep_until(%s)", (boundary,))
+    r = ledger.refund_generation(w.transaction_id)
+    assert r.refunded == 6
+    assert lots(conn, uid) == {lot: (0, 10), keep: (2, 0)}  # 4 expired first, the 6 returned expired after
+    kinds = [k for (k,) in conn.execute("SELECT transaction_type FROM public.points_transactions "
+                                        "WHERE user_id = %s ORDER BY id", (uid,))]
+    assert kinds == ["adjustment", "adjustment", "generation_deduction", "expiry", "refund", "expiry"]
+    assert ledger.balance(uid).balance == 2
+    assert_consistent(conn)

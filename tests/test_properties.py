@@ -2,10 +2,12 @@
 
 Hypothesis drives a state machine over a handful of users: grants, refunds, deductions, holds,
 captures (whole or partial), releases, expiry (the lazy kind and the sweep), replayed keys (same or
-conflicting parameters) and subscription webhook events (retried, out of order, upgraded or downgraded
+conflicting parameters), lots (priorities, expiries, top-ups, refunds back to their lots, a lot's expiry
+passing and the next operation writing it off) and subscription webhook events (retried, out of order, upgraded or downgraded
 mid-period, unpaid states). After every step, for this example's users: balance = sum(ledger) =
 earned - spent, balance >= 0, 0 <= reserved = active holds <= balance, the balance_after chain
-holds, one ledger row per key -- and every balance, hold and refusal is what the model predicts.
+holds, one ledger row per key, the lots sum to the balance -- and every balance, hold, refusal and lot's
+remaining credits is what the model predicts (the model draws lots in the promised order).
 
 Speed: one database per test, not per example; each example works in a fresh namespace of random
 user ids, so nothing needs cleaning up between examples. Profiles (env CREDITS_HYPOTHESIS_PROFILE):
@@ -14,6 +16,7 @@ user ids, so nothing needs cleaning up between examples. Profiles (env CREDITS_H
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import uuid
@@ -24,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -39,6 +43,7 @@ from ledger import (
     IdempotencyConflict,
     InsufficientCredits,
     Ledger,
+    RefundRefused,
     ReservationError,
     SubscriptionEvent,
 )
@@ -60,6 +65,8 @@ CONCURRENT = settings(SEQUENTIAL, max_examples=max(SEQUENTIAL.max_examples // 3,
 USERS = 3
 PERIOD_BASE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 TIERS = {"pro": 800, "pro_plus": 2000}  # monthly allocations of the default config
+LOT_EXPIRY_BASE = datetime(2031, 1, 1, tzinfo=timezone.utc)  # grants' expiries: far ahead until a rule ends them
+TOP_UP_BASE = datetime(2026, 11, 1, tzinfo=timezone.utc)     # top-ups bought then expire a year later
 
 
 @dataclass
@@ -72,6 +79,17 @@ class Hold:
 
 
 @dataclass
+class LotM:
+    """A lot as the model sees it; ``expiry`` sorts like the database's expires_at: (0, step) expired at that
+    step, (1, datetime) in the future, (2,) never (NULLS LAST)."""
+
+    id: int
+    priority: int
+    expiry: tuple
+    remaining: int
+
+
+@dataclass
 class Model:
     balance: list[int] = field(default_factory=lambda: [0] * USERS)
     earned: list[int] = field(default_factory=lambda: [0] * USERS)
@@ -80,6 +98,39 @@ class Model:
     keys: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # key -> (user, signed amount, type)
     periods: dict[tuple[int, int], int] = field(default_factory=dict)     # (subscriber, period) -> amount
     rows: int = 0
+    lots: list[dict[int, LotM]] = field(default_factory=lambda: [{} for _ in range(USERS)])
+    draws: dict[int, tuple[int, int, dict[int, int]]] = field(default_factory=dict)  # tx -> (user, charged, lot -> n)
+    refunds: dict[int, int] = field(default_factory=dict)  # deduction tx -> refunded credits
+    step: int = 0
+
+    def new_lot(self, u: int, tx: int, amount: int, priority: int = 50, expiry: tuple = (2,)) -> None:
+        self.lots[u][tx] = LotM(tx, priority, expiry, amount)
+
+    def draw(self, u: int, tx: int, amount: int) -> None:
+        """Priority, then soonest expiry, then oldest -- what sql/011 promises."""
+        left, got = amount, {}
+        for lot in sorted((x for x in self.lots[u].values() if x.remaining > 0),
+                          key=lambda x: (x.priority, x.expiry, x.id)):
+            if not left:
+                break
+            n = min(lot.remaining, left)
+            lot.remaining -= n
+            left -= n
+            got[lot.id] = n
+        assert left == 0, "the model's lots do not cover a draw the balance allowed"
+        self.draws[tx] = (u, amount, got)
+
+    def expire(self, u: int) -> int:
+        """The lazy expiry: due lots by expiry then age, never below the credits held."""
+        total = 0
+        for lot in sorted((x for x in self.lots[u].values() if x.remaining > 0 and x.expiry[0] == 0),
+                          key=lambda x: (x.expiry, x.id)):
+            n = min(lot.remaining, self.balance[u] - self.reserved(u))
+            if n > 0:
+                lot.remaining -= n
+                self.add(u, -n)
+                total += n
+        return total
 
     def reserved(self, u: int) -> int:
         return sum(h.amount for h in self.holds.values() if h.user == u and h.status == "active")
@@ -154,17 +205,30 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
             """Opening balances, from nothing to plenty, so that refusals and successes both happen."""
             for u, amount in enumerate(amounts):
                 if amount:
-                    ledger.grant(self.users[u], amount, idempotency_key=self._name("open"))
+                    w = ledger.grant(self.users[u], amount, idempotency_key=self._name("open"))
                     self.model.add(u, amount)
+                    self.model.new_lot(u, w.transaction_id, amount)
 
         # ---- grants and deductions
 
         @rule(target=keys, u=st.integers(0, USERS - 1), amount=st.integers(1, 500),
-              ttype=st.sampled_from(["adjustment", "refund", "subscription_grant"]))
-        def grant(self, u: int, amount: int, ttype: str) -> str:
+              ttype=st.sampled_from(["adjustment", "refund", "subscription_grant"]),
+              priority=st.sampled_from([None, 10, 90]), expires_in=st.sampled_from([None, None, 1, 2, 3]))
+        def grant(self, u: int, amount: int, ttype: str, priority: int | None, expires_in: int | None) -> str:
+            """A grant is a lot: some with a priority, some that expire (in days from a fixed future date)."""
             key = self._name("g")
-            w = ledger.grant(self.users[u], amount, idempotency_key=key, transaction_type=ttype)
+            terms: dict[str, Any] = {}
+            expires = LOT_EXPIRY_BASE + timedelta(days=expires_in, seconds=self.n) if expires_in else None
+            if priority is not None:
+                terms["priority"] = priority
+            if expires is not None:
+                terms["expires_at"] = expires.isoformat()
+            self.model.expire(u)
+            w = ledger.grant(self.users[u], amount, idempotency_key=key, transaction_type=ttype,
+                             metadata={"lot": terms} if terms else None)
             self.model.add(u, amount)
+            self.model.new_lot(u, w.transaction_id, amount, 50 if priority is None else priority,
+                               (1, expires) if expires else (2,))
             assert (w.new_balance, w.duplicate) == (self.model.balance[u], False)
             self.model.keys[key] = (u, amount, ttype)
             return key
@@ -172,9 +236,12 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
         @rule(target=keys, u=st.integers(0, USERS - 1), amount=st.integers(1, 50) | st.integers(1, 1500))
         def deduct(self, u: int, amount: int) -> str:
             key = self._name("d")
+            before = copy.deepcopy(self.model)
+            self.model.expire(u)  # written off first, kept only if the deduction succeeds
             if self.model.covers_after_lazy_expiry(u, amount):
                 w = ledger.deduct(self.users[u], amount, idempotency_key=key)
                 self.model.add(u, -amount)
+                self.model.draw(u, w.transaction_id, amount)
                 assert (w.new_balance, w.duplicate) == (self.model.balance[u], False)
                 self.model.keys[key] = (u, -amount, "generation_deduction")
             else:
@@ -185,6 +252,7 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
                     assert self.model.spendable(u) <= exc.balance < amount
                 else:
                     raise AssertionError("deduction beyond spendable credits succeeded")
+                self.model = before  # the refusal rolled the expiry back
             return key
 
         @rule(key=keys, conflicting=st.booleans())
@@ -207,6 +275,8 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
         @rule(target=jobs, u=st.integers(0, USERS - 1), amount=st.integers(1, 50) | st.integers(1, 1500))
         def reserve(self, u: int, amount: int) -> str:
             job = self._name("job")
+            before = copy.deepcopy(self.model)
+            self.model.expire(u)
             if self.model.covers_after_lazy_expiry(u, amount):
                 r = ledger.reserve(self.users[u], amount, job_id=job)
                 self.model.holds[job] = Hold(u, amount)
@@ -216,7 +286,7 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
                 try:
                     ledger.reserve(self.users[u], amount, job_id=job)
                 except InsufficientCredits:
-                    pass
+                    self.model = before
                 else:
                     raise AssertionError("hold beyond spendable credits succeeded")
             return job
@@ -234,8 +304,10 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
             charge = h.amount if amount is None else amount
             if h.status == "active" and not h.stale:
                 w = ledger.capture(job, amount)
-                self.model.add(h.user, -charge)
+                self.model.expire(h.user)  # under the hold: its credits stay
                 h.status, h.captured = "captured", charge
+                self.model.add(h.user, -charge)
+                self.model.draw(h.user, w.transaction_id, charge)
                 assert (w.new_balance, w.duplicate) == (self.model.balance[h.user], False)
             elif h.status == "captured" and charge == h.captured:
                 assert ledger.capture(job, amount).duplicate
@@ -305,7 +377,9 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
                         self.prorations.get((s, period), ProrationState()), TIERS[cur[1]], TIERS[tier], left, "down")
                     assert (res.plan_change, res.granted) == ("upgrade", grant)
                     if grant:
+                        self.model.expire(s)
                         self.model.add(s, grant)
+                        self.model.new_lot(s, res.transaction_id, grant)
                     self.subscription_rows[s] = (period, tier, status)
                 else:
                     assert (res.plan_change, res.granted) == ("downgrade", 0)
@@ -316,7 +390,9 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
             elif granted_before is None:
                 res = handle_subscription_event(ledger, event)
                 assert (res.granted, res.duplicate) == (TIERS[tier], False)
+                self.model.expire(s)
                 self.model.add(s, TIERS[tier])
+                self.model.new_lot(s, res.transaction_id, TIERS[tier])
                 self.model.periods[(s, period)] = TIERS[tier]
                 self.subscription_rows[s] = (period, tier, status)
             elif granted_before == TIERS[tier] or (cur is not None and cur[:2] == (period, tier)):
@@ -332,9 +408,77 @@ def _make_sequential_machine(ledger: Ledger, conn: psycopg.Connection) -> type[R
                 else:
                     raise AssertionError("a period was granted twice at different tiers")
 
+        # ---- the credit lifecycle: top-ups, refunds, lots expiring, balance reads
+
+        @rule(u=st.integers(0, USERS - 1), pack=st.sampled_from(["small", "large"]))
+        def top_up(self, u: int, pack: str) -> None:
+            pay = self._name("pay")
+            bought = TOP_UP_BASE + timedelta(minutes=self.n)
+            self.model.expire(u)
+            w = ledger.top_up(self.users[u], pack, payment_id=pay, purchased_at=bought)
+            cfg = ledger.config.top_ups[pack]
+            self.model.add(u, cfg.credits)
+            self.model.new_lot(u, w.transaction_id, cfg.credits, cfg.priority,
+                               (1, bought + timedelta(days=cfg.expiry_days)) if cfg.expiry_days else (2,))
+            assert (w.new_balance, ledger.top_up(self.users[u], pack, payment_id=pay).duplicate) == \
+                (self.model.balance[u], True)
+
+        @rule(pick=st.integers(0, 10_000), part=st.one_of(st.none(), st.floats(0.01, 1.0)))
+        def refund(self, pick: int, part: float | None) -> None:
+            """A failed generation's credits go back to the lots it drew on: once, never more than charged."""
+            if not self.model.draws:
+                return
+            tx = sorted(self.model.draws)[pick % len(self.model.draws)]
+            u, charged, got = self.model.draws[tx]
+            amount = None if part is None else max(1, int(charged * part))
+            if tx in self.model.refunds:
+                if amount is None or amount == self.model.refunds[tx]:
+                    assert ledger.refund_generation(tx, amount).duplicate
+                else:
+                    with pytest.raises(RefundRefused):
+                        ledger.refund_generation(tx, amount)
+                return
+            r = ledger.refund_generation(tx, amount)
+            n = charged if amount is None else amount
+            self.model.expire(u)
+            self.model.add(u, n)
+            assert (r.refunded, r.duplicate, r.new_balance) == (n, False, self.model.balance[u])
+            left = n
+            for lot_id in sorted(got, reverse=True):
+                back = min(got[lot_id], left)
+                if back:
+                    self.model.lots[u][lot_id].remaining += back
+                    left -= back
+            self.model.refunds[tx] = n
+            self.model.expire(u)  # credits back in a lot that expired meanwhile expire again at once
+
+        @rule(u=st.integers(0, USERS - 1), pick=st.integers(0, 10_000))
+        def lot_expires(self, u: int, pick: int) -> None:
+            """Time passes for one lot: its expiry is now in the past; nothing writes it off yet (lazy)."""
+            future = sorted(x.id for x in self.model.lots[u].values() if x.expiry[0] == 1)
+            if not future:
+                return
+            lot = self.model.lots[u][future[pick % len(future)]]
+            self.model.step += 1
+            conn.execute("UPDATE public.points_lots SET expires_at = clock_timestamp() - interval '1 second' "
+                         "WHERE id = %s", (lot.id,))
+            conn.execute("UPDATE public.points_balances SET next_expiry = least(next_expiry, "
+                         "clock_timestamp() - interval '1 second') WHERE user_id = %s", (self.users[u],))
+            lot.expiry = (0, self.model.step)
+
+        @rule(u=st.integers(0, USERS - 1))
+        def read_balance(self, u: int) -> None:
+            """A balance read never shows an expired credit: what is due is written off first."""
+            self.model.expire(u)
+            assert ledger.balance(self.users[u]).balance == self.model.balance[u]
+            assert ledger.spendable(self.users[u]) == self.model.spendable(u)
+
         @invariant()
         def database_matches_model(self) -> None:
             _check_database(conn, self.users, self.model, f"job:{self.ns}:")
+            lots = dict(conn.execute("SELECT id, remaining FROM public.points_lots WHERE user_id = ANY (%s)",
+                                     (self.users,)).fetchall())
+            assert lots == {x.id: x.remaining for per in self.model.lots for x in per.values()}
 
     return LedgerMachine
 
