@@ -19,6 +19,7 @@ from typing import Any
 from dagster import (
     AssetExecutionContext,
     Config,
+    DagsterError,
     Failure,
     MetadataValue,
     Output,
@@ -66,12 +67,20 @@ def _lock(url: str) -> Any:
 
     conn = db.connect(url, autocommit=True)
     try:
-        conn.execute(f"SET lock_timeout = '{LOCK_WAIT}'")
+        conn.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
         conn.execute("SELECT pg_advisory_lock(%s)", (FIX_LOCK,))
     except Exception:
         conn.close()
         raise
     return conn
+
+
+def _actor(context: AssetExecutionContext) -> str:
+    """Who applied the fixes, for audit_runs.actor: the job and run (or a direct call, as in tests)."""
+    try:
+        return f"dagster:{context.run.job_name}:{context.run.run_id}"
+    except DagsterError:  # DagsterInvalidPropertyError: no run when the asset is invoked directly
+        return "dagster:direct-invocation"
 
 
 @asset(partitions_def=daily_partitions, group_name=GROUP, compute_kind="postgres")
@@ -91,7 +100,7 @@ def applied_fixes(context: AssetExecutionContext, config: ApplyFixesConfig, data
     cap = settings.audit.max_fixes if config.max_fixes is None else config.max_fixes
     url = database.resolve_url()
     day_keys = {p.idempotency_key for p in fix_plan if rules is None or p.rule in rules}
-    actor = f"dagster:{context.run.job_name}:{context.run_id}"
+    actor = _actor(context)
 
     lock = _lock(url) if config.live else None
     try:

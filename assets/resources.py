@@ -37,6 +37,7 @@ class CreditsDatabase(ConfigurableResource):
         default=True, description="Apply pending sql/ migrations before the first read (as `credits audit` does).")
 
     _config: "CreditsConfig | None" = PrivateAttr(default=None)
+    _url: str | None = PrivateAttr(default=None)
 
     def credits_config(self) -> "CreditsConfig":
         """The validated configuration (tiers, thresholds, the fix cap)."""
@@ -53,6 +54,8 @@ class CreditsDatabase(ConfigurableResource):
         """
         from ledger import db
 
+        if self._url is not None:
+            return self._url
         config = self.credits_config()
         url = db.resolve_url(config, self.url)
         if self.migrate and url not in _migrated:
@@ -65,6 +68,7 @@ class CreditsDatabase(ConfigurableResource):
                     if applied:
                         log.info("applied migrations %s to %s", ", ".join(applied), db.describe_url(url))
                     _migrated.add(url)
+        self._url = url
         return url
 
     def describe(self) -> str:

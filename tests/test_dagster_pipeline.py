@@ -1,15 +1,21 @@
 """The pipeline's jobs in process on real databases: the daily audit marks exactly the faulted rules with
 their severities and changes nothing; the fix job dry vs live; partitions, a two-day backfill, no double
-grants; the diagnose job."""
+grants; two live fix runs at once; the diagnose job."""
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Any
 
 import psycopg
-from dagster import AssetCheckKey, AssetCheckSeverity, AssetKey, DagsterInstance
+from dagster import AssetCheckKey, AssetCheckSeverity, AssetKey, DagsterInstance, build_asset_context
 
+from assets import ApplyFixesConfig, CreditsDatabase, applied_fixes
+from assets.fixes import FIX_LOCK
 from assets.credit_state import credit_state
 from assets.partitions import day_end
+from checks.audit import run_audit
 from checks.rules import RULES
 from checks.seed import seed
 from ledger.config import CreditsConfig
@@ -176,6 +182,51 @@ def test_fix_job_dry_capped_then_a_two_day_backfill(db_url: str, conn: psycopg.C
         ev = rec.event.dagster_event.event_specific_data
         latest.setdefault(ev.partition, ev.passed)
     assert latest == {day2: True, day1: False}
+
+
+def test_live_fix_runs_take_turns_and_apply_each_fix_once(db_url: str, conn: psycopg.Connection,
+                                                          config: CreditsConfig) -> None:
+    """Live fix runs queue on one database lock (a dry run does not): two started together while the lock
+    is held both wait; once it is free, one applies the plan and the other finds it done."""
+    seed(db_url, config, users=120, fault_rate=0.05, seed=4)
+    plan = run_audit(db_url, config).plan
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def fix_run(name: str, day: str, live: bool) -> None:
+        try:
+            results[name] = applied_fixes(build_asset_context(partition_key=day), config=ApplyFixesConfig(live=live),
+                                          database=CreditsDatabase(url=db_url), fix_plan=plan)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def waiting() -> int:
+        return conn.execute("""SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                            """).fetchone()[0]
+
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (FIX_LOCK,))  # e.g. another live run in progress
+        live = [threading.Thread(target=fix_run, args=(f"live-{day}", day, True)) for day in (yesterday(), today())]
+        for t in live:
+            t.start()
+        deadline = time.monotonic() + 60
+        while waiting() < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert waiting() == 2  # both live runs wait for the lock
+        dry = threading.Thread(target=fix_run, args=("dry", today(), False))
+        dry.start()
+        dry.join(timeout=60)
+        assert "dry" in results and all(t.is_alive() for t in live)  # a dry run does not queue
+        assert conn.execute("SELECT count(*) FROM public.audit_fix_log").fetchone()[0] == 0
+    for t in live:  # the holder's session ended: the lock is free
+        t.join(timeout=120)
+    assert not errors, errors
+    meta = [{k: v.value for k, v in results[name].metadata.items()} for name in results if name.startswith("live")]
+    assert sorted(m["applied"] for m in meta) == [0, len(plan)] and len(plan) > 0
+    assert all(m["not_applied"] == 0 for m in meta)  # neither tripped over the other's work
+    keys = [k for (k,) in conn.execute("SELECT idempotency_key FROM public.audit_fix_log")]
+    assert sorted(keys) == sorted(p.idempotency_key for p in plan)
 
 
 def test_diagnose_job(db_url: str, conn: psycopg.Connection, instance: DagsterInstance) -> None:
