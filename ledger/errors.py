@@ -81,6 +81,7 @@ _BY_SQLSTATE: dict[str, type[CreditError]] = {
     "22P02": InvalidArgument,  # invalid text representation (e.g. a malformed uuid)
     "22P05": InvalidArgument,  # untranslatable character (e.g. \u0000 in a jsonb string)
     "22021": InvalidArgument,  # character not in repertoire (invalid UTF-8)
+    "23514": InvalidArgument,  # check violation: a value the table refuses (e.g. a description over 1,000 chars)
 }
 
 

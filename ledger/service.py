@@ -152,6 +152,9 @@ def check_key(key: object) -> str:
     return check_text(key, "idempotency key")
 
 
+MAX_DESCRIPTION_LENGTH = 1000  # sql/015 enforces the same in the table
+
+
 class Ledger(ReservationsMixin, LotsMixin):
     """A pooled handle on the ledger. Thread-safe; share one per process."""
 
@@ -330,6 +333,8 @@ class Ledger(ReservationsMixin, LotsMixin):
         amount = check_amount(amount, self.config)
         key = check_key(idempotency_key)
         if description is not None:
+            if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_LENGTH:
+                raise InvalidArgument(f"description must be text of at most {MAX_DESCRIPTION_LENGTH} characters")
             check_text(description, "description")
         if not isinstance(transaction_type, str):
             raise InvalidArgument("transaction type must be a string")

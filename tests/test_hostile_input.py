@@ -35,7 +35,7 @@ SQL_FRAGMENTS = [
     "%s %(id)s {} \\' \\\\",
 ]
 UNICODE = ["zoë@exämple.com", "用户@例子.中国", "🔑🔑🔑", "\u202egnp.exe", "ǅ\u0301\u200b"]
-LONG = "a" * 100_000
+LONG = "\u00e9\u4e2d" * 500  # 1,000 characters of 2- and 3-byte UTF-8: the longest description allowed
 
 
 def _tables(conn: psycopg.Connection) -> tuple[int, ...]:
@@ -217,3 +217,17 @@ def test_cli_stores_a_hostile_reason_and_key_verbatim(db_url: str, conn: psycopg
         (reason, key)]
     assert run_cli(db_url, "grant", "bob@example.com", "25", "--reason", reason, "--key", key, "--json"
                    ).json()["duplicate"] is True
+
+
+def test_oversized_descriptions_are_refused_by_module_and_table(ledger: Ledger, conn: psycopg.Connection) -> None:
+    uid = uuid.uuid4()
+    ledger.grant(uid, 10, idempotency_key="ok", description="x" * 1000)
+    with pytest.raises(InvalidArgument, match="1000 characters"):
+        ledger.grant(uid, 10, idempotency_key="big", description="x" * 1001)
+    # the app calling the function directly (RPC) meets the same limit, on the fast path too
+    for sql_call in ("SELECT * FROM public.add_points(%s, 5, 'adjustment', %s, 'rpc-add')",
+                     "SELECT * FROM public.deduct_points(%s, 5, 'generation_deduction', %s, 'rpc-deduct')"):
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(sql_call, (uid, "y" * 5000))
+    assert conn.execute("SELECT count(*), sum(amount) FROM public.points_transactions").fetchone() == (1, 10)
+    assert ledger.balance(uid).balance == 10
