@@ -6,7 +6,6 @@ import uuid
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from cli.common import handle_errors, open_ledger, out, print_json
 
@@ -106,22 +105,13 @@ def register(app: typer.Typer) -> None:
     def history(
         user: Annotated[str, USER],
         limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10_000, help="Rows to show")] = 20,
+        lots: Annotated[bool, typer.Option("--lots/--no-lots", help="Show the user's lots and what drew on them")] = True,
         json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     ) -> None:
-        """Show a user's ledger rows, newest first."""
-        with open_ledger(migrate=False) as ledger:
-            who = ledger.find_user(user)
-            rows = ledger.history(who.user_id, limit=limit)
-        if json_out:
-            print_json([r.__dict__ for r in rows])
-            return
-        table = Table(title=f"ledger of {who.user_id}")
-        for col in ("id", "when", "type", "amount", "balance after", "description"):
-            table.add_column(col, justify="right" if col in ("id", "amount", "balance after") else "left")
-        for r in rows:
-            table.add_row(str(r.id), r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.transaction_type,
-                          f"{r.amount:+d}", str(r.balance_after), r.description or "")
-        out.print(table)
+        """Show a user's lots (expiry, priority, what drew on each) and ledger rows, newest first."""
+        from cli.lifecycle_cmds import show_history
+
+        show_history(user, limit=limit, show_lots=lots, json_out=json_out)
 
 
 def _report(verb: str, credits: int, who, write, json_out: bool) -> None:  # type: ignore[no-untyped-def]
