@@ -398,6 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         gen = generate(admin, url, args, config)
     else:
         log(f"reusing {db.describe_url(url)} ({args.users:,} users)")
+        with db.connect(url, autocommit=True) as c:  # migrations added since it was written (e.g. 011's lots)
+            t0 = time.perf_counter()
+            applied = migrate(c, config)
+            if applied:
+                log(f"  applied {', '.join(applied)} in {time.perf_counter() - t0:.1f} s")
+        if applied:
+            with db.connect(url, autocommit=True) as c:
+                c.execute("VACUUM ANALYZE")
     with db.connect(url, autocommit=True) as c:
         ledger_rows = c.execute("SELECT count(*) FROM public.points_transactions").fetchone()[0]
         ids = [r[0] for r in c.execute("SELECT id::text FROM public.bestauth_users").fetchall()]
