@@ -1,4 +1,4 @@
-"""The jobs: the daily audit (changes nothing), the apply-fixes job, and a one-user diagnosis.
+"""The jobs: the daily audit (changes nothing), the apply-fixes job, the expiry sweep, a one-user diagnosis.
 
 Same code paths as the CLI: the audit assets call ``checks.audit.run_audit`` (`credits audit`), the fix
 asset ``checks.fixes.apply_fixes`` (`credits audit --live`), the diagnosis ``checks.diagnose.diagnose``
@@ -20,7 +20,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets import AUDIT_ASSETS, CreditsDatabase, applied_fixes, daily_partitions
+from assets import AUDIT_ASSETS, CreditsDatabase, applied_fixes, daily_partitions, expired_credits
 
 FIX_RUN_TAG = "credit-recon/fixes"  # limit it to 1 in the run queue's tag_concurrency_limits
 
@@ -39,6 +39,14 @@ apply_fixes_job = define_asset_job(
     tags={FIX_RUN_TAG: "apply"},
     description="The daily audit, then the fixes it plans that the present still needs. Dry unless the run "
                 "config says `ops: {applied_fixes: {config: {live: true}}}`; capped by max_fixes; recorded.",
+)
+
+expire_credits = define_asset_job(
+    "expire_credits",
+    selection=AssetSelection.assets(expired_credits),
+    partitions_def=daily_partitions,
+    description="The expiry sweep: write off every lot past its expiry (rolling over what the tier's policy "
+                "keeps) as `expiry` rows, once per lot. Scheduled before the daily audit; safe to re-run.",
 )
 
 

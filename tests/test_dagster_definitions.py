@@ -25,12 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_definitions_load_with_every_piece() -> None:
     Definitions.validate_loadable(defs)
     repo = defs.get_repository_def()
-    assert {"daily_audit", "apply_fixes", "diagnose_user"} <= set(repo.job_names)
-    assert [s.name for s in repo.schedule_defs] == ["daily_audit_schedule"]
+    assert {"daily_audit", "apply_fixes", "diagnose_user", "expire_credits"} <= set(repo.job_names)
+    assert sorted(s.name for s in repo.schedule_defs) == ["daily_audit_schedule", "expire_credits_schedule"]
     assert [s.name for s in repo.sensor_defs] == ["critical_findings_alert"]
     keys = set(defs.resolve_asset_graph().get_all_asset_keys())
     expected = {AssetKey(["snapshot", t]) for t in SNAPSHOT_TABLES} | {
-        AssetKey([k]) for k in ("credit_state", "findings", "fix_plan", "health_report", "applied_fixes")}
+        AssetKey([k]) for k in ("credit_state", "findings", "fix_plan", "health_report", "applied_fixes",
+                                "expired_credits")}
     assert keys == expected
     graph = defs.resolve_asset_graph()
     for key in keys:  # every asset is partitioned by day
@@ -40,6 +41,9 @@ def test_definitions_load_with_every_piece() -> None:
     audit_keys = defs.resolve_job_def("daily_audit").asset_layer.selected_asset_keys
     assert AssetKey(["applied_fixes"]) not in audit_keys and AssetKey(["findings"]) in audit_keys
     assert AssetKey(["applied_fixes"]) in defs.resolve_job_def("apply_fixes").asset_layer.selected_asset_keys
+    # nor the expiry sweep (it writes `expiry` rows), which is a job of its own
+    assert AssetKey(["expired_credits"]) not in audit_keys
+    assert defs.resolve_job_def("expire_credits").asset_layer.selected_asset_keys == {AssetKey(["expired_credits"])}
 
 
 def test_one_check_per_rule_with_its_severity_and_partitions() -> None:
@@ -80,6 +84,26 @@ def test_schedule_runs_the_day_it_ticks_in(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setenv("CREDITS_AUDIT_HOUR", bad)
         with pytest.raises(ValueError, match="CREDITS_AUDIT_HOUR"):
             audit_hour()
+
+
+def test_expiry_sweep_is_scheduled_before_the_audit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.schedules import expire_credits_schedule, expiry_hour
+
+    assert expire_credits_schedule.cron_schedule == f"0 {expiry_hour()} * * *"
+    assert expire_credits_schedule.execution_timezone == daily_audit_schedule.execution_timezone
+    monkeypatch.delenv("CREDITS_EXPIRY_HOUR", raising=False)
+    monkeypatch.setenv("CREDITS_AUDIT_HOUR", "6")
+    assert expiry_hour() == 5
+    monkeypatch.setenv("CREDITS_AUDIT_HOUR", "0")
+    assert expiry_hour() == 23  # the evening before
+    monkeypatch.setenv("CREDITS_EXPIRY_HOUR", "3")
+    assert expiry_hour() == 3
+    monkeypatch.setenv("CREDITS_EXPIRY_HOUR", "25")
+    with pytest.raises(ValueError, match="CREDITS_EXPIRY_HOUR"):
+        expiry_hour()
+    request = expire_credits_schedule(build_schedule_context(
+        scheduled_execution_time=datetime(2026, 3, 5, 5, 0, tzinfo=timezone.utc)))
+    assert request.partition_key == "2026-03-05" and request.run_key == "2026-03-05"
 
 
 def test_schedule_hour_comes_from_the_environment() -> None:
