@@ -72,12 +72,14 @@ def rule_counts(report: AuditReport) -> dict[str, MetadataValue]:
 def findings(context: AssetExecutionContext, database: CreditsDatabase, credit_state: pd.DataFrame,
              bestauth_users: pd.DataFrame, user_id_mapping: pd.DataFrame, subscriptions: pd.DataFrame,
              points_balances: pd.DataFrame, ledger_by_user: pd.DataFrame, period_grants: pd.DataFrame,
-             failed_deductions: pd.DataFrame) -> Output[AuditReport]:
+             failed_deductions: pd.DataFrame, lots_by_user: pd.DataFrame,
+             refunds: pd.DataFrame, plan_change_grants: pd.DataFrame) -> Output[AuditReport]:
     """Every rule's findings for the partition (the audit report `credits audit` prints), dry: nothing changes."""
     from checks.audit import run_audit
 
     snap = snapshot_from_frames(locals_frames(bestauth_users, user_id_mapping, subscriptions, points_balances,
-                                              ledger_by_user, period_grants, failed_deductions))
+                                              ledger_by_user, period_grants, failed_deductions, lots_by_user,
+                                              refunds, plan_change_grants))
     report = run_audit(database.resolve_url(), database.credits_config(), snapshot=snap)
     critical = sum(1 for f in report.findings if f.severity == "critical")
     context.log.info("audit %s: %d finding(s), %d critical, %d fixable", report.status, len(report.findings),

@@ -49,12 +49,14 @@ def severity_of(rule_id: str) -> AssetCheckSeverity:
 def credit_state(context: AssetExecutionContext, database: CreditsDatabase, bestauth_users: pd.DataFrame,
                  user_id_mapping: pd.DataFrame, subscriptions: pd.DataFrame, points_balances: pd.DataFrame,
                  ledger_by_user: pd.DataFrame, period_grants: pd.DataFrame,
-                 failed_deductions: pd.DataFrame) -> Output[pd.DataFrame]:
+                 failed_deductions: pd.DataFrame, lots_by_user: pd.DataFrame,
+                 refunds: pd.DataFrame, plan_change_grants: pd.DataFrame) -> Output[pd.DataFrame]:
     """One row per BestAuth user (and per orphan points id): resolved id, tier, balance, ledger totals."""
     from checks.state import user_state
 
     snap = snapshot_from_frames(locals_frames(bestauth_users, user_id_mapping, subscriptions, points_balances,
-                                              ledger_by_user, period_grants, failed_deductions))
+                                              ledger_by_user, period_grants, failed_deductions, lots_by_user,
+                                              refunds, plan_change_grants))
     state = user_state(snap, database.credits_config())
     users = state[~state["orphan"]]
     by_source = users["resolution_source"].value_counts()
@@ -137,14 +139,16 @@ def check_result(result: RuleResult) -> AssetCheckResult:
 def credit_rules(context: AssetCheckExecutionContext, database: CreditsDatabase, credit_state: pd.DataFrame,
                  bestauth_users: pd.DataFrame, user_id_mapping: pd.DataFrame, subscriptions: pd.DataFrame,
                  points_balances: pd.DataFrame, ledger_by_user: pd.DataFrame, period_grants: pd.DataFrame,
-                 failed_deductions: pd.DataFrame) -> Iterator[AssetCheckResult]:
+                 failed_deductions: pd.DataFrame, lots_by_user: pd.DataFrame,
+                 refunds: pd.DataFrame, plan_change_grants: pd.DataFrame) -> Iterator[AssetCheckResult]:
     """The contract's audit rules, each as its Great Expectations suite over the credit state."""
     from checks.audit import evaluate_rules
 
     selected = {key.name for key in context.selected_asset_check_keys}
     rules = [rid for rid in RULES if rid in selected]
     snap = snapshot_from_frames(locals_frames(bestauth_users, user_id_mapping, subscriptions, points_balances,
-                                              ledger_by_user, period_grants, failed_deductions))
+                                              ledger_by_user, period_grants, failed_deductions, lots_by_user,
+                                              refunds, plan_change_grants))
     results, _ = evaluate_rules(snap, database.credits_config(), rules, state=credit_state)
     for rid in rules:
         res = results[rid]

@@ -1,6 +1,6 @@
 """One snapshot asset per table, all read in one consistent moment.
 
-The seven frames (``checks.snapshot.SNAPSHOT_TABLES``) come from one ``take_snapshot`` call, so they
+The frames (``checks.snapshot.SNAPSHOT_TABLES``) come from one ``take_snapshot`` call, so they
 are one ``multi_asset``: separate assets would be separate transactions, and the rules would compare a
 balance read before a write with a ledger read after it. The five tables map to the frames as
 ``bestauth_users``, ``user_id_mapping``, ``subscriptions`` (subscriptions_consolidated), ``points_balances``,
@@ -41,6 +41,10 @@ DESCRIPTIONS = {
                       "totals, balance_after chain breaks.",
     "period_grants": "Subscription grants (and their reversals) per subscription period, up to the cut-off.",
     "failed_deductions": "Failed deduction attempts per user in the hour before the cut-off.",
+    "lots_by_user": "Credit lots per points user up to the cut-off: remaining, lots whose draws disagree, draws no "
+                    "lot covered, credits past expiry and held by reservations (lifecycle rules).",
+    "refunds": "Refunded deductions: how many refunds each had and for how much, against what it charged.",
+    "plan_change_grants": "Recorded upgrades with credits, and the plan_change ledger row found for each.",
 }
 
 

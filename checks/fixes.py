@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from checks.lifecycle_fixes import HANDLERS as LIFECYCLE_HANDLERS
 from ledger import db
 from ledger.errors import CreditError
 
@@ -35,9 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# the order fixes are applied in: identity first (grants go to the mapped id), the cache last
-ACTIONS: tuple[str, ...] = ("create_mapping", "write_resolved_metadata", "grant_period",
-                            "reverse_duplicate_grant", "rebuild_balance")
+# the order fixes are applied in: identity first (grants go to the mapped id), the cache, then expiry
+# (expire_lots writes balance_after from the cache: it must be right first)
+ACTIONS: tuple[str, ...] = ("create_mapping", "write_resolved_metadata", "grant_period", "grant_plan_change",
+                            "reverse_duplicate_grant", "rebuild_balance", "expire_lots")
 
 
 class FixCapExceeded(CreditError):
@@ -131,6 +133,10 @@ def _key(action: str, finding: "Finding") -> str:
         return "audit:reverse_grant:" + ",".join(str(r["transaction_id"]) for r in p["reverse"])
     if action == "rebuild_balance":
         return f"audit:rebuild_balance:{p['user_id']}"
+    if action == "grant_plan_change":
+        return str(p["key"])
+    if action == "expire_lots":
+        return f"audit:expire_lots:{p['user_id']}:{p['due_lot_ids']}"
     raise ValueError(f"unknown fix action {action!r}")
 
 
@@ -268,6 +274,7 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, PlannedFix, str], Outcome]] = 
     "reverse_duplicate_grant": _reverse_duplicate_grant,
     "rebuild_balance": _rebuild_balance,
 }
+HANDLERS.update(LIFECYCLE_HANDLERS)  # expire_lots, grant_plan_change (checks/lifecycle_fixes.py)
 
 
 def apply_fixes(url: str, config: "CreditsConfig", plan: list[PlannedFix], *, live: bool, max_fixes: int,

@@ -29,6 +29,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
+from checks.lifecycle_frames import FRAMES as LIFECYCLE_FRAMES
+from checks.lifecycle_frames import QUERIES as LIFECYCLE_QUERIES
+from checks.lifecycle_frames import filtered as lifecycle_filtered
 from ledger import db
 from ledger.errors import InvalidArgument
 
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_TABLES: tuple[str, ...] = (
     "bestauth_users", "user_id_mapping", "subscriptions", "points_balances",
     "ledger_by_user", "period_grants", "failed_deductions",
-)
+) + LIFECYCLE_FRAMES  # the credit-lifecycle rules' frames (checks/lifecycle_frames.py)
 
 # public.uuid_or_null's test. Applied client-side with Arrow's vectorised RE2 (subscriptions_ids): in SQL,
 # uuid_or_null (a SET search_path function, never inlined) or an inline regex cost ~2 us a call, three
@@ -172,6 +175,9 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
 }
 
 
+_QUERIES.update(LIFECYCLE_QUERIES)  # %(live)s: no as_of (the lots' remaining column is compared)
+
+
 # one user's (or a few users') rows only: diagnose and `audit --user`. %(bids)s BestAuth ids, %(uids)s
 # every points id that may hold their credits; both text arrays cast server-side.
 _FILTERS: dict[str, str] = {
@@ -193,6 +199,8 @@ _WHERE_ANCHORS: dict[str, tuple[str, str]] = {  # where the filter goes: (text t
 
 
 def _filtered(name: str) -> str:
+    if name in LIFECYCLE_QUERIES:
+        return lifecycle_filtered(name)
     query = _QUERIES[name][0]
     anchor, how = _WHERE_ANCHORS[name]
     assert anchor in query, name
@@ -200,8 +208,8 @@ def _filtered(name: str) -> str:
     return query.replace(anchor, anchor + extra)  # every occurrence: the ledger pass reads the table twice
 
 # the two heavy reads go first, one per server core; the light ones follow on whichever finishes first
-_ORDER = ("ledger_by_user", "period_grants", "identity", "subscriptions", "bestauth_users", "user_id_mapping",
-          "points_balances", "failed_deductions")
+_ORDER = ("ledger_by_user", "period_grants", "lots_by_user", "identity", "subscriptions", "bestauth_users", "user_id_mapping",
+          "points_balances", "failed_deductions", "refunds", "plan_change_grants")
 
 Progress = Callable[[str, int, float], None]  # (frame name, rows, seconds)
 
@@ -525,7 +533,8 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         _begin(main)
         snap_id, taken_at = main.execute("SELECT pg_export_snapshot(), now()").fetchone()
         cutoff = as_of or taken_at
-        params: dict[str, Any] = {"as_of": cutoff, "ref": cutoff, "iso": _ISO_RE, "uuid": _UUID_RE}
+        params: dict[str, Any] = {"as_of": cutoff, "ref": cutoff, "iso": _ISO_RE, "uuid": _UUID_RE,
+                                  "live": as_of is None}
         if users is not None:
             params["bids"] = sorted(users.bestauth_ids)
             params["uids"] = sorted(users.points_ids | users.bestauth_ids)

@@ -345,6 +345,19 @@ def _plan(tier: str | None, cycle: str | None) -> str:
     return f"{tier}.{cycle}"
 
 
+def upgrade_grant_row(config: Any, *, subscription_id: Any, bestauth_user_id: Any, period_start: datetime,
+                      period_end: datetime, from_tier: str, from_cycle: str, to_tier: str, to_cycle: str,
+                      fraction_left: str | None, event_id: str | None) -> tuple[str, dict[str, Any]]:
+    """The description and metadata (lot terms included) of an upgrade's plan_change ledger row: the
+    webhook handler and the audit's fix for a missing grant (plan_change_grants) write the same row."""
+    meta = {"subscription_id": str(subscription_id), "bestauth_user_id": str(bestauth_user_id),
+            "period_start": period_start.isoformat(), "period_end": period_end.isoformat(),
+            "from_plan": _plan(from_tier, from_cycle), "to_plan": _plan(to_tier, to_cycle),
+            "fraction_left": fraction_left, "event_id": event_id,
+            "lot": period_lot_terms(config, to_tier, period_start, period_end)}
+    return f"upgrade {from_tier} {from_cycle} -> {to_tier} {to_cycle} (prorated)", meta
+
+
 def _upgrade(conn: psycopg.Connection, ledger: Any, event: SubscriptionEvent, bid: uuid.UUID, cur: dict[str, Any],
              old: int, new: int, event_time: datetime | None, hint: uuid.UUID | None) -> SubscriptionEventResult | None:
     """Mid-period upgrade: the new plan now, and the prorated difference as a plan_change lot."""
@@ -375,15 +388,13 @@ def _upgrade(conn: psycopg.Connection, ledger: Any, event: SubscriptionEvent, bi
     tx_id = new_balance = None
     duplicate = False
     if grant > 0:
-        terms = period_lot_terms(ledger.config, event.tier, start, end)
-        meta = {"subscription_id": str(sub_id), "bestauth_user_id": str(bid), "period_start": start.isoformat(),
-                "period_end": end.isoformat(), "from_plan": _plan(cur["tier"], cur["billing_cycle"]),
-                "to_plan": _plan(event.tier, event.billing_cycle), "fraction_left": f"{left.numerator}/{left.denominator}",
-                "event_id": event.event_id, "lot": terms}
+        description, meta = upgrade_grant_row(
+            ledger.config, subscription_id=sub_id, bestauth_user_id=bid, period_start=start, period_end=end,
+            from_tier=cur["tier"], from_cycle=cur["billing_cycle"], to_tier=event.tier, to_cycle=event.billing_cycle,
+            fraction_left=f"{left.numerator}/{left.denominator}", event_id=event.event_id)
         new_balance, tx_id, duplicate = conn.execute(
             """SELECT new_balance, transaction_id, duplicate FROM public.add_points(%s, %s, 'plan_change', %s, %s, %s)""",
-            (user_id, grant, f"upgrade {cur['tier']} {cur['billing_cycle']} -> {event.tier} {event.billing_cycle} "
-                             f"(prorated)", key, Jsonb(meta))).fetchone()
+            (user_id, grant, description, key, Jsonb(meta))).fetchone()
     conn.execute(
         """SELECT public.record_plan_change(%s, %s, %s, %s, %s, %s, %s, %s, %s, 'upgrade', %s, %s, %s, %s, %s, %s,
                                             %s, %s)""",

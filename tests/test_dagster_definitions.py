@@ -57,7 +57,7 @@ def test_one_check_per_rule_with_its_severity_and_partitions() -> None:
         want = AssetCheckSeverity.ERROR if rule.severity == "critical" else AssetCheckSeverity.WARN
         assert severity_of(spec.name) == want
     assert {r for r in RULES if severity_of(r) == AssetCheckSeverity.ERROR} == {
-        "paid_users_funded", "ledger_integrity", "duplicate_grants"}
+        "paid_users_funded", "ledger_integrity", "duplicate_grants", "lots_consistent", "refunds_bounded"}
 
 
 def test_partition_means_the_end_of_its_day() -> None:

@@ -1,0 +1,90 @@
+"""lots_consistent [critical, report only]: the credit lots agree with the ledger.
+
+Per lot: consumed <= granted (its remaining never below 0, nor above what it granted) and
+``granted - remaining - consumed_before = sum of its draws`` (deductions, captures, expiry, less what
+refunds returned), checked in SQL (``lots_by_user``); no draw that no lot covered (a ledger row that
+drew more than the user's open lots held: ``lot_id`` NULL); and per points id the open lots' remaining
+sums to the ledger's balance.
+
+The lots are compared with the *ledger* (the source of truth), not with the balance cache: a drifted
+cache is ledger_integrity's finding (with its fix), so one fault is not reported twice. As of a past
+instant the lots' remaining column (no history) is replaced by what their draws up to then leave.
+
+Nothing here is fixed automatically: which lot a credit should have come from changes its expiry, and
+that is a decision for a person (the finding names the lots and the draws).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from checks.findings import Finding
+from checks.gx_adapter import expectations as gxe
+from checks.rules.base import Rule
+from checks.rules.lifecycle_common import FAMILY, owners, words
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def _lot(detail: str) -> dict[str, int]:
+    lot_id, granted, remaining, before, drawn = (int(x) for x in detail.split(":"))
+    return {"lot_id": lot_id, "granted": granted, "remaining": remaining, "consumed_before": before,
+            "drawn": drawn, "remaining_by_draws": granted - before - drawn}
+
+
+class LotsConsistent(Rule):
+    frame_columns = ("user_id", "bestauth_user_id", "ledger_sum", "ledger_rows", "has_balance_row")
+    id_columns = ("user_id",)
+    state_rows = False
+
+    def frame(self, state: "pd.DataFrame", snapshot: Any, config: Any) -> "pd.DataFrame":
+        lots = snapshot.table("lots_by_user")[["user_id", "lots", "lots_remaining", "bad_lots", "bad_lot_detail",
+                                               "uncovered_draws", "uncovered_credits", "uncovered_ids"]]
+        users = state.loc[(state["ledger_rows"] > 0) | state["has_balance_row"], ["user_id", "ledger_sum"]]
+        users = users.drop_duplicates("user_id")
+        frame = users.merge(lots, on="user_id", how="outer")
+        for col in ("ledger_sum", "lots", "lots_remaining", "bad_lots", "uncovered_draws", "uncovered_credits"):
+            frame[col] = frame[col].fillna(0).astype("int64")
+        frame["bestauth_user_id"] = None
+        bad = ((frame["bad_lots"] > 0) | (frame["uncovered_draws"] > 0)
+               | (frame["lots_remaining"] != frame["ledger_sum"])).to_numpy()
+        if bad.any():
+            frame.loc[bad, "bestauth_user_id"] = frame.loc[bad, "user_id"].map(
+                owners(state, set(frame.loc[bad, "user_id"])))
+        return frame
+
+    def expectations(self, config: Any, snapshot: Any = None) -> list:
+        g = gxe()
+        return [g.ExpectColumnValuesToBeBetween(column="bad_lots", max_value=0),
+                g.ExpectColumnValuesToBeBetween(column="uncovered_draws", max_value=0),
+                g.ExpectColumnPairValuesToBeEqual(column_A="lots_remaining", column_B="ledger_sum")]
+
+    def findings_for(self, rows: "pd.DataFrame", failed: dict[int, list[str]], config: Any,
+                     snapshot: Any) -> list[Finding]:
+        out = []
+        for row in rows.to_dict("records"):
+            found: dict[str, Any] = {"open_lots_remaining": int(row["lots_remaining"]),
+                                     "ledger_balance": int(row["ledger_sum"]), "lots": int(row["lots"])}
+            notes = []
+            if row["bad_lots"]:
+                found["inconsistent_lots"] = [_lot(d) for d in words(row["bad_lot_detail"])][:10]
+                notes.append(f"{int(row['bad_lots'])} lot(s) whose remaining disagrees with their draws "
+                             "(or is below 0 / above what they granted)")
+            if row["uncovered_draws"]:
+                found["uncovered_draws"] = {"count": int(row["uncovered_draws"]),
+                                            "credits": int(row["uncovered_credits"]),
+                                            "transactions": [int(x) for x in words(row["uncovered_ids"])][:10]}
+                notes.append("ledger rows drew credits no open lot held")
+            if row["lots_remaining"] != row["ledger_sum"]:
+                notes.append("the open lots do not sum to the ledger's balance")
+            expected = {"open_lots_remaining": int(row["ledger_sum"]), "inconsistent_lots": 0, "uncovered_draws": 0}
+            out.append(self.finding(row, expected=expected, found=found, fix=None,
+                                    reason="; ".join(notes) + ": lots are never rewritten by the audit, a person "
+                                    "must review the draws (`credits history`)"))
+        return out
+
+
+RULE = LotsConsistent(id="lots_consistent", severity="critical", family=FAMILY, fixable=False,
+                      description="every lot: consumed <= granted and its draws add up; no uncovered draw; "
+                                  "open lots sum to the ledger balance")
