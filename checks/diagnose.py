@@ -21,6 +21,10 @@ from ledger.errors import UnknownUser
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 
+# the lifecycle rules' severities (issue 6), for the per-user checks below when the audit's rule is absent
+LIFECYCLE_SEVERITY = {"expiry_applied": "warning", "lots_consistent": "critical", "refunds_bounded": "critical",
+                      "plan_change_grants": "warning"}
+
 
 @dataclass
 class Check:
@@ -47,7 +51,8 @@ class Diagnosis:
         from checks.rules import RULES
 
         failing = [c for c in self.checks if c.status == FAIL]
-        if any(c.rule not in RULES or RULES[c.rule].severity == "critical" for c in failing):
+        severity = {**LIFECYCLE_SEVERITY, **{r: rule.severity for r, rule in RULES.items()}}
+        if any(severity.get(c.rule or "", "critical") == "critical" for c in failing):
             return "CRITICAL"
         return "WARNING" if failing else "HEALTHY"
 
@@ -96,6 +101,136 @@ def dry_run_deduction(url: str, user_id: str, amount: int) -> tuple[bool, str]:
             if getattr(exc, "sqlstate", None) == "CR001":
                 return False, f"a {amount}-credit deduction would be refused: {exc.diag.message_primary}"
             return False, f"a {amount}-credit deduction would fail: {exc.diag.message_primary or exc}"
+
+
+# One round trip: the user's lots against the ledger, what is past its expiry, refunds against the
+# deductions they refund, recorded upgrades against their grants, and what expires next. The same facts
+# the lifecycle rules read (checks/rules/expiry_applied, lots_consistent, refunds_bounded,
+# plan_change_grants) for the whole population; here they give the details, and the verdict when a rule
+# is not registered.
+LIFECYCLE_SQL = """
+WITH lots AS (
+    SELECT l.*, coalesce((SELECT sum(d.amount) FROM public.points_lot_draws d WHERE d.lot_id = l.id), 0) AS drawn
+      FROM public.points_lots l WHERE l.user_id = %(uid)s
+), bal AS (
+    SELECT coalesce((SELECT b.balance FROM public.points_balances b WHERE b.user_id = %(uid)s), 0) AS balance,
+           coalesce((SELECT b.reserved FROM public.points_balances b WHERE b.user_id = %(uid)s), 0) AS reserved,
+           coalesce((SELECT sum(t.amount) FROM public.points_transactions t WHERE t.user_id = %(uid)s), 0) AS ledger_sum
+), due AS (
+    SELECT coalesce(sum(l.remaining), 0) AS credits, count(*) AS lots, min(l.expires_at) AS since,
+           coalesce(sum(CASE WHEN l.rollover_cap IS NOT NULL AND l.period_end IS NULL
+                              AND l.rollover_until > l.expires_at THEN least(l.remaining, l.rollover_cap) END), 0)
+               AS rollable
+      FROM lots l WHERE l.remaining > 0 AND l.expires_at <= now()
+), refunds AS (
+    SELECT (r.metadata ->> 'refund_of')::bigint AS refund_of, count(*) AS n, sum(r.amount) AS refunded
+      FROM public.points_transactions r
+     WHERE r.user_id = %(uid)s AND r.transaction_type = 'refund' AND jsonb_typeof(r.metadata -> 'refund_of') = 'number'
+     GROUP BY 1
+), upgrades AS (
+    SELECT p.id, p.idempotency_key, p.credits, p.changed_at,
+           EXISTS (SELECT 1 FROM public.points_transactions g
+                    WHERE g.idempotency_key = p.idempotency_key AND g.transaction_type = 'plan_change'
+                      AND g.amount = p.credits AND g.user_id = p.user_id) AS granted
+      FROM public.subscription_plan_changes p
+     WHERE (p.user_id = %(uid)s OR p.bestauth_user_id = %(bid)s) AND p.kind = 'upgrade' AND p.credits > 0
+), nxt AS (
+    SELECT min(l.expires_at) AS at FROM lots l WHERE l.remaining > 0 AND l.expires_at > now()
+)
+SELECT json_build_object(
+    'lots', (SELECT count(*) FROM lots),
+    'open_lots', (SELECT count(*) FROM lots WHERE remaining > 0),
+    'open_credits', (SELECT coalesce(sum(remaining), 0) FROM lots),
+    'bad_lots', (SELECT coalesce(json_agg(id ORDER BY id), '[]') FROM lots
+                  WHERE remaining > granted OR expired > granted
+                     OR granted - remaining - consumed_before <> drawn),
+    'uncovered_credits', (SELECT coalesce(sum(d.amount), 0) FROM public.points_lot_draws d
+                           WHERE d.user_id = %(uid)s AND d.lot_id IS NULL),
+    'balance', (SELECT balance FROM bal), 'reserved', (SELECT reserved FROM bal),
+    'ledger_sum', (SELECT ledger_sum FROM bal),
+    'due_lots', (SELECT lots FROM due), 'due_credits', (SELECT credits FROM due), 'due_since', (SELECT since FROM due),
+    'overdue', (SELECT greatest(0, least(d.credits - d.rollable, b.balance - b.reserved)) FROM due d, bal b),
+    'refunded_deductions', (SELECT count(*) FROM refunds),
+    'refunded_credits', (SELECT coalesce(sum(refunded), 0) FROM refunds),
+    'bad_refunds', (SELECT coalesce(json_agg(json_build_object('refund_of', r.refund_of, 'refunds', r.n,
+                                                               'refunded', r.refunded, 'charged', -d.amount,
+                                                               'type', d.transaction_type) ORDER BY r.refund_of), '[]')
+                      FROM refunds r LEFT JOIN public.points_transactions d ON d.id = r.refund_of
+                     WHERE r.n > 1 OR d.id IS NULL OR d.amount >= 0 OR r.refunded > -d.amount),
+    'upgrades', (SELECT count(*) FROM upgrades),
+    'ungranted_upgrades', (SELECT coalesce(json_agg(json_build_object('plan_change_id', u.id, 'credits', u.credits,
+                                                                      'key', u.idempotency_key) ORDER BY u.id), '[]')
+                             FROM upgrades u WHERE NOT u.granted),
+    'next_expiry', (SELECT at FROM nxt),
+    'next_expiry_credits', (SELECT coalesce(sum(l.remaining), 0) FROM lots l, nxt
+                             WHERE l.remaining > 0 AND l.expires_at = nxt.at),
+    'next_expiry_rollover', (SELECT max(l.rollover_cap) FROM lots l, nxt
+                              WHERE l.remaining > 0 AND l.expires_at = nxt.at AND l.period_end IS NULL)
+)
+"""
+
+
+def lifecycle_facts(url: str, user_id: str, bestauth_user_id: str | None) -> dict[str, Any]:
+    """The user's lifecycle facts (see LIFECYCLE_SQL), read in one statement, changing nothing."""
+    with db.connect(url, autocommit=True) as conn:
+        return conn.execute(LIFECYCLE_SQL, {"uid": user_id, "bid": bestauth_user_id}).fetchone()[0]
+
+
+def lifecycle_checks(facts: dict[str, Any], results: dict[str, Any], who: str) -> list[Check]:
+    """Lots vs ledger, expiry applied, refunds bounded, upgrades granted, and what expires next. The verdict is
+    the audit rule's where it is registered (a diagnosis never disagrees with the audit), else the facts'."""
+    f = facts
+    checks = []
+
+    def verdict(name: str, rule_id: str, ok: bool, ok_detail: str, bad_detail: str, fix: str) -> Check:
+        if rule_id in results:
+            return _rule_check(name, rule_id, results, ok_detail, who)
+        return Check(name, PASS if ok else FAIL, ok_detail if ok else bad_detail, None if ok else fix, rule=rule_id)
+
+    if not f["lots"] and not f["ledger_sum"] and "lots_consistent" not in results:
+        checks.append(Check("lots match ledger", SKIP, "no lots: the user was never granted credits",
+                            rule="lots_consistent"))
+    else:
+        ok = not f["bad_lots"] and not f["uncovered_credits"] and f["open_credits"] == f["ledger_sum"]
+        bad = (f"open lots hold {f['open_credits']} but the ledger sums to {f['ledger_sum']}"
+               + (f"; lots whose draws do not add up: {f['bad_lots']}" if f["bad_lots"] else "")
+               + (f"; {f['uncovered_credits']} credit(s) drawn with no open lot" if f["uncovered_credits"] else ""))
+        checks.append(verdict("lots match ledger", "lots_consistent", ok,
+                              f"{f['open_lots']} open lot(s) of {f['lots']} hold {f['open_credits']} = ledger sum "
+                              f"(balance {f['balance']})", bad, "needs a person: see `credits history " + who + "`"))
+        held = f" ({f['reserved']} held by reservations do not expire under the hold)" if f["reserved"] else ""
+        checks.append(verdict(
+            "expiry applied", "expiry_applied", not f["overdue"],
+            "no credits past their expiry" if not f["due_lots"] else
+            f"{f['due_credits']} credit(s) in {f['due_lots']} lot(s) past expiry, kept by rollover or holds{held}",
+            f"{f['overdue']} credit(s) in {f['due_lots']} lot(s) past their expiry (since {f['due_since']}) not "
+            f"written off yet{held}; the next operation or the daily sweep does it",
+            f"credits expire --user {who}"))
+    if not f["refunded_deductions"] and "refunds_bounded" not in results:
+        checks.append(Check("refunds bounded", SKIP, "no refunded deductions", rule="refunds_bounded"))
+    else:
+        checks.append(verdict("refunds bounded", "refunds_bounded", not f["bad_refunds"],
+                              f"{f['refunded_deductions']} deduction(s) refunded ({f['refunded_credits']} credits), "
+                              "each once and within what it charged" if f["refunded_deductions"]
+                              else "no refunded deductions",
+                              f"refunds over or twice: {f['bad_refunds']}",
+                              "needs a person: a refund is never undone automatically"))
+    if not f["upgrades"] and "plan_change_grants" not in results:
+        checks.append(Check("upgrade grants", SKIP, "no mid-period upgrade recorded", rule="plan_change_grants"))
+    else:
+        missing = f["ungranted_upgrades"]
+        checks.append(verdict("upgrade grants", "plan_change_grants", not missing,
+                              f"{f['upgrades']} upgrade(s), each with its prorated plan_change grant" if f["upgrades"]
+                              else "no mid-period upgrade recorded",
+                              f"upgrade(s) without their grant: {missing}",
+                              f"credits audit --live --rule plan_change_grants --user {who}"))
+    if f["next_expiry"]:
+        roll = f" (up to {f['next_expiry_rollover']} may roll over)" if f["next_expiry_rollover"] else ""
+        checks.append(Check("next expiry", PASS, f"{f['next_expiry_credits']} credit(s) expire at "
+                            f"{f['next_expiry']}{roll}"))
+    else:
+        checks.append(Check("next expiry", PASS if f["lots"] else SKIP, "no open credits expire"))
+    return checks
 
 
 def diagnose(url: str, config: CreditsConfig, ref: str) -> Diagnosis:
@@ -163,6 +298,9 @@ def diagnose(url: str, config: CreditsConfig, ref: str) -> Diagnosis:
     checks.append(_rule_check("duplicate grants", "duplicate_grants", results, "no period granted twice", who))
     checks.append(_rule_check("failed deductions", "failed_deductions", results,
                               f"{int(row['failures_last_hour'])} failed deduction(s) in the last hour", who))
+    facts = lifecycle_facts(url, row["user_id"], user["bestauth_user_id"])
+    user["open_lots"], user["next_expiry"] = facts["open_lots"], facts["next_expiry"]
+    checks.extend(lifecycle_checks(facts, results, who))
     cost = config.generation_cost("image") if "image" in config.generation_costs else min(config.generation_costs.values())
     if row["has_balance_row"]:
         ok, detail = dry_run_deduction(url, row["user_id"], cost)

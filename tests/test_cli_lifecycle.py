@@ -9,6 +9,9 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 from psycopg.types.json import Jsonb
 
+from checks.diagnose import Check, Diagnosis, diagnose, lifecycle_checks, lifecycle_facts
+from ledger.config import CreditsConfig
+from tests.audit_cases import paid_user
 from tests.cli_helpers import run_cli
 from tests.factories import make_user
 from tests.invariants import assert_consistent
@@ -110,3 +113,79 @@ def test_history_marks_credits_past_expiry_without_writing_them_off(db_url: str,
     assert "past their expiry" in text.stdout and "(due)" in text.stdout
     assert conn.execute("SELECT count(*) FROM public.points_transactions WHERE transaction_type = 'expiry'"
                         ).fetchone()[0] == 0  # looking changes nothing
+
+
+def _checks(doc: dict) -> dict[str, dict]:
+    return {c["check"]: c for c in doc["checks"]}
+
+
+def _paid(conn: psycopg.Connection) -> tuple[str, uuid.UUID, uuid.UUID]:
+    """A paid user with the current period granted (800): every non-lifecycle check passes."""
+    case = paid_user(conn)
+    return str(case["bid"]), case["bid"], case["pid"]
+
+
+def _verdicts(db_url: str, config: CreditsConfig, ref: str, bid: uuid.UUID, pid: uuid.UUID
+              ) -> tuple[int, dict[str, str], dict[str, Check]]:
+    """diagnose() in process (the CLI's code, without a process start per call): exit code, failing checks,
+    and the verdicts of the per-user lifecycle SQL alone (as when the audit's rule is not registered)."""
+    dx = diagnose(db_url, config, ref)
+    alone = {c.name: c for c in lifecycle_checks(lifecycle_facts(db_url, str(pid), str(bid)), {}, ref)}
+    return dx.exit_code, {c.name: c.status for c in dx.checks if c.status == "fail"}, alone
+
+
+def test_diagnose_lifecycle_checks(db_url: str, conn: psycopg.Connection, config: CreditsConfig) -> None:
+    """A healthy user with lots passes and sees what expires next; an overdue lot is a warning with the command
+    that writes it off; a refund over its deduction is critical; an upgrade without its grant is a warning --
+    from the audit's rules and from the per-user SQL alone alike."""
+    fine, fine_bid, sid = _paid(conn)
+    soon = conn.execute("SELECT date_trunc('second', now()) + interval '5 days'").fetchone()[0]
+    _grant(conn, sid, 20, "fine-b", expires_at=soon)
+    gen = _deduct(conn, sid, 10, "fine-gen")  # the soonest expiry first
+    conn.execute("SELECT * FROM public.refund_generation(%s, 4)", (gen,))
+
+    late, late_bid, late_pid = _paid(conn)
+    _grant(conn, late_pid, 8, "late-due", expires_at=conn.execute("SELECT now() - interval '2 hours'").fetchone()[0])
+
+    over, over_bid, over_pid = _paid(conn)
+    tx = _deduct(conn, over_pid, 10, "over-gen")
+    for key in ("r1", "r2"):  # as a buggy caller would: two refunds of one deduction, 16 of its 10
+        conn.execute("SELECT * FROM public.add_points(%s, 8, 'refund', 'refund', %s, %s)",
+                     (over_pid, key, Jsonb({"refund_of": tx})))
+
+    up, up_bid, up_pid = _paid(conn)
+    now = conn.execute("SELECT now()").fetchone()[0]
+    conn.execute("""INSERT INTO public.subscription_plan_changes (subscription_id, bestauth_user_id, user_id,
+                        period_start, period_end, from_tier, from_cycle, to_tier, to_cycle, kind, changed_at,
+                        effective_at, credits, idempotency_key)
+                    VALUES (%s, %s, %s, %s, %s, 'pro', 'monthly', 'pro_plus', 'monthly', 'upgrade', %s, %s, 600, %s)""",
+                 (uuid.uuid4(), up_bid, up_pid, now - timedelta(days=3), now + timedelta(days=27), now, now,
+                  f"plan_change:test:{up_pid}"))
+
+    ok = run_cli(db_url, "diagnose", fine, "--json")
+    assert ok.code == 0, ok.stdout + ok.stderr
+    c = _checks(ok.json())
+    assert {c[n]["status"] for n in ("lots match ledger", "expiry applied", "refunds bounded")} == {"pass"}
+    assert c["next expiry"]["status"] == "pass" and "14 credit(s) expire" in c["next expiry"]["detail"]
+    assert ok.json()["user"]["open_lots"] == 2
+    code, failing, alone = _verdicts(db_url, config, fine, fine_bid, sid)
+    assert (code, failing) == (0, {}) and {x.status for x in alone.values()} == {"pass", "skip"}
+    assert "1 deduction(s) refunded (4 credits)" in alone["refunds bounded"].detail
+
+    code, failing, alone = _verdicts(db_url, config, late, late_bid, late_pid)
+    assert (code, failing) == (1, {"expiry applied": "fail"})
+    assert alone["expiry applied"].status == "fail" and alone["expiry applied"].fix == f"credits expire --user {late}"
+    assert conn.execute("SELECT count(*) FROM public.points_transactions WHERE user_id = %s AND "
+                        "transaction_type = 'expiry'", (late_pid,)).fetchone()[0] == 0  # diagnosing changes nothing
+    text = run_cli(db_url, "diagnose", late)
+    assert text.code == 1 and "expiry applied" in text.stdout and "FAIL" in text.stdout
+
+    code, failing, alone = _verdicts(db_url, config, over, over_bid, over_pid)
+    assert code == 2 and "refunds bounded" in failing
+    assert alone["refunds bounded"].status == "fail" and f"'refund_of': {tx}" in alone["refunds bounded"].detail
+    assert Diagnosis(over, {}, [alone["refunds bounded"]]).status == "CRITICAL"
+
+    code, failing, alone = _verdicts(db_url, config, up, up_bid, up_pid)
+    assert (code, failing) == (1, {"upgrade grants": "fail"})
+    assert alone["upgrade grants"].status == "fail" and "600" in alone["upgrade grants"].detail
+    assert Diagnosis(up, {}, [alone["upgrade grants"]]).status == "WARNING"
