@@ -44,11 +44,12 @@ from ledger.errors import ConfigError, CreditError
 log = logging.getLogger(__name__)
 
 DEMO_EMAIL_DOMAIN = "demo.example.com"
-SEED_FORMAT = 3  # bumped whenever the same (seed, users, rate) would generate other data
+SEED_FORMAT = 4  # bumped whenever the same (seed, users, rate) would generate other data
 MAX_SEED = 2**40
 _SEED_LOCK = 7_262_011_007  # advisory lock: one seeding at a time per database
 RULE_IDS = ("mapping_present", "metadata_resolved", "paid_users_funded", "ledger_integrity",
-            "duplicate_grants", "balance_matches_tier", "failed_deductions")
+            "duplicate_grants", "balance_matches_tier", "failed_deductions",
+            "expiry_applied", "lots_consistent", "refunds_bounded", "plan_change_grants")
 
 
 class SeedRefused(CreditError):
@@ -82,6 +83,7 @@ class Profile:
     chain_break: bool = False        # a ledger row whose balance_after does not follow
     fails_recent: str | None = None  # burst (>= threshold in the last hour) | few (1-2)
     fails_old: bool = False          # failed attempts hours ago (outside the audit's hour)
+    life: str | None = None          # a credit-lifecycle story (see _LIFECYCLE)
 
     @property
     def variant(self) -> str:
@@ -108,6 +110,10 @@ FAULTS: tuple[Profile, ...] = (
     Profile("balance_matches_tier/free_with_credits", rule="balance_matches_tier", tier="free", spend=False,
             adjustment="free_credits"),
     Profile("failed_deductions/burst", rule="failed_deductions", target="below_video", fails_recent="burst"),
+    Profile("expiry_applied/expired_top_up", rule="expiry_applied", life="expired_top_up"),
+    Profile("lots_consistent/lot_drift", rule="lots_consistent", life="lot_drift"),
+    Profile("refunds_bounded/refunded_twice", rule="refunds_bounded", life="refunded_twice"),
+    Profile("plan_change_grants/upgrade_without_grant", rule="plan_change_grants", life="upgrade_without_grant"),
 )
 
 HEALTHY: tuple[Profile, ...] = (
@@ -127,6 +133,11 @@ HEALTHY: tuple[Profile, ...] = (
     Profile("few_failed_deductions", category="few_failed_deductions", weight=0.005, target="below_video",
             fails_recent="few", fails_old=True),
     Profile("old_failed_deductions", weight=0.015, fails_old=True),
+    Profile("rolled_over", category="rolled_over", weight=0.01, prev=(1, 1), life="rolled_over"),
+    Profile("downgrade_pending", category="downgrade_pending", weight=0.01, life="downgrade_pending"),
+    Profile("partial_refund", category="partial_refund", weight=0.01, life="partial_refund"),
+    Profile("top_up_future", category="top_up_future", weight=0.01, life="top_up_future"),
+    Profile("held_past_expiry", category="held_past_expiry", weight=0.005, target="zero", life="held_past_expiry"),
 )
 
 
@@ -221,7 +232,7 @@ $$;
 _PROFILE_COLUMNS = ("id", "name", "kind", "rule", "variant", "category", "forced_order", "fault_index",
                     "cum_lo", "cum_hi", "tier", "subscription", "mapping", "status", "period", "prev_lo",
                     "prev_hi", "grant_current", "metadata", "duplicate", "spend", "target", "adjustment",
-                    "drift", "chain_break", "fails_recent", "fails_old")
+                    "drift", "chain_break", "fails_recent", "fails_old", "life")
 
 _PROFILES_TABLE = """
 CREATE TEMP TABLE seed_profiles (
@@ -229,7 +240,7 @@ CREATE TEMP TABLE seed_profiles (
     forced_order integer, fault_index integer, cum_lo double precision, cum_hi double precision,
     tier text, subscription boolean, mapping boolean, status text, period text, prev_lo integer,
     prev_hi integer, grant_current boolean, metadata text, duplicate boolean, spend boolean, target text,
-    adjustment text, drift boolean, chain_break boolean, fails_recent text, fails_old boolean
+    adjustment text, drift boolean, chain_break boolean, fails_recent text, fails_old boolean, life text
 ) ON COMMIT DROP
 """
 
@@ -251,6 +262,8 @@ WITH draw AS (
 ), typed AS (
     SELECT c.*,
            CASE WHEN c.tier = 'free' THEN 'free'
+                WHEN c.life = 'upgrade_without_grant' THEN 'pro'
+                WHEN c.life = 'downgrade_pending' THEN 'pro_plus'
                 WHEN pg_temp.sr(%(seed)s, c.i, 4) < 0.7 THEN 'pro' ELSE 'pro_plus' END AS plan_tier,
            CASE WHEN c.tier = 'free' THEN NULL
                 WHEN c.period = 'trial' OR pg_temp.sr(%(seed)s, c.i, 5) < 0.8 THEN 'monthly'
@@ -273,7 +286,7 @@ WITH draw AS (
 SELECT x.i, x.id AS profile_id, x.name AS profile, x.kind, x.rule, x.variant, x.category,
        x.plan_tier AS tier, x.cycle, x.status, x.subscription AS has_sub, x.mapping AS has_mapping,
        x.grant_current, x.metadata AS meta_kind, x.duplicate, x.spend, x.target, x.adjustment, x.drift,
-       x.chain_break, x.fails_recent, x.fails_old,
+       x.chain_break, x.fails_recent, x.fails_old, x.life,
        CASE WHEN x.plan_tier = 'free' THEN 0 ELSE x.prev_periods END AS prev_periods,
        x.len,
        pg_temp.suuid(%(seed)s, 'bestauth', x.i) AS bid,
@@ -335,6 +348,11 @@ SELECT p.i, p.phase * 1000 + d.dup, u.pid, u.alloc, 'subscription_grant',
                           'period_end', pg_temp.iso(p.p_end),
                           'event_id', 'evt_' || left(md5(%(seed)s::text || ':evt:' || p.i || ':' || p.k
                                                          || ':' || d.dup), 24))
+       || CASE WHEN u.life = 'rolled_over' AND p.k = 1
+               THEN jsonb_build_object('lot', jsonb_build_object(
+                        'expires_at', pg_temp.iso(p.p_end), 'rollover_cap', u.alloc,
+                        'rollover_until', pg_temp.iso(p.p_end + u.len)))
+               ELSE '{}'::jsonb END
   FROM seed_periods p
   JOIN seed_users u USING (i)
  CROSS JOIN LATERAL (SELECT 0 AS dup UNION ALL SELECT 1 WHERE u.duplicate AND p.k = 0) d
@@ -377,7 +395,7 @@ SELECT e.i, e.seq + 1, e.user_id, -e.amount, 'refund', 'refund: ' || e.descripti
   FROM seed_events e
   JOIN seed_users u USING (i)
  WHERE e.transaction_type = 'generation_deduction' AND e.seq = u.prev_periods * 1000 + 10
-   AND u.r_refund < 0.15
+   AND u.r_refund < 0.15 AND u.life IS NULL
 """
 
 # Support adjustments: the implausible ones (a typo'd goodwill credit; credits given to a free user).
@@ -556,6 +574,113 @@ SELECT f.user_id, f.amount, b.balance, 'insufficient_credits', f.idempotency_key
  ORDER BY f.i, f.n
 """
 
+# The credit-lifecycle stories (issue 6), written after the ledger rows the same way in both modes: through
+# the functions the app calls (add_points with lot terms, refund_generation, record_plan_change,
+# expire_lots), and past them for what only a bug (or history) writes. Each is the user's last write, so
+# no later operation's lazy expiry touches it.
+_DEDUCTION_OF = """
+    SELECT u.i, u.life, u.pid, t.id, t.amount, t.idempotency_key
+      FROM seed_users u
+      JOIN public.points_transactions t
+        ON t.idempotency_key = 'generation:job_' || pg_temp.suuid(%(seed)s, 'job', u.i, u.prev_periods * 100)::text
+     WHERE u.life IN ('partial_refund', 'refunded_twice')
+     ORDER BY u.i"""
+_LIFECYCLE = (
+    # plan changes: an upgrade recorded without its prorated grant (fault), a downgrade pending at the
+    # period's end (look-alike); the subscription as the handler leaves it
+    """
+    CREATE TEMP TABLE seed_plan_changes ON COMMIT DROP AS
+    SELECT u.i, u.life, u.sub_id, u.bid, u.pid, u.cycle, u.cur_start, u.cur_start + u.len AS cur_end, c.at,
+           extract(epoch FROM u.cur_start + u.len - c.at)::bigint AS left_s,
+           extract(epoch FROM u.len + u.cur_start - u.cur_start)::bigint AS len_s,
+           'evt_' || left(md5(%(seed)s::text || ':plan:' || u.i), 24) AS event_id
+      FROM seed_users u
+     CROSS JOIN LATERAL (SELECT date_trunc('second', u.cur_start + (%(anchor)s::timestamptz - u.cur_start) / 2) AS at) c
+     WHERE u.life IN ('upgrade_without_grant', 'downgrade_pending') AND u.has_sub
+    """,
+    """
+    SELECT count(public.record_plan_change(
+               p.sub_id, p.bid, p.pid, p.cur_start, p.cur_end,
+               CASE WHEN up THEN 'pro' ELSE 'pro_plus' END, p.cycle, CASE WHEN up THEN 'pro_plus' ELSE 'pro' END,
+               p.cycle, CASE WHEN up THEN 'upgrade' ELSE 'downgrade' END, p.at,
+               CASE WHEN up THEN p.at ELSE p.cur_end END,
+               CASE WHEN up THEN p.left_s || '/' || p.len_s END,
+               CASE WHEN up THEN jsonb_build_object('exact', cr.credits || '/1', 'granted', cr.credits) END,
+               CASE WHEN up THEN cr.credits ELSE 0 END, NULL,
+               'plan_change:' || p.sub_id || ':' || to_char(p.cur_start AT TIME ZONE 'UTC', 'YYYY-MM-DD') || ':'
+               || CASE WHEN up THEN 'pro.' || p.cycle || '>pro_plus.' || p.cycle
+                       ELSE 'pro_plus.' || p.cycle || '>pro.' || p.cycle || ':downgrade:' || p.event_id END,
+               p.event_id))
+      FROM (SELECT x.*, x.life = 'upgrade_without_grant' AS up FROM seed_plan_changes x ORDER BY x.i) p
+     CROSS JOIN LATERAL (SELECT (CASE p.cycle WHEN 'yearly' THEN %(plus_y)s - %(pro_y)s ELSE %(plus_m)s - %(pro_m)s END
+                                 * p.left_s / p.len_s)::bigint AS credits) cr
+    """,
+    """
+    UPDATE public.subscriptions_consolidated s
+       SET tier = CASE WHEN p.life = 'upgrade_without_grant' THEN 'pro_plus' ELSE s.tier END,
+           metadata = s.metadata || CASE WHEN p.life = 'downgrade_pending' THEN jsonb_build_object('pending_plan',
+               jsonb_build_object('tier', 'pro', 'billing_cycle', p.cycle, 'effective_at', pg_temp.iso(p.cur_end),
+                                  'requested_at', pg_temp.iso(p.at), 'event_id', p.event_id)) ELSE '{}'::jsonb END
+      FROM seed_plan_changes p
+     WHERE s.id = p.sub_id
+    """,
+    # top-up packs: one past its expiry never written off (fault), one expiring in the future, one past
+    # its expiry whose credits a running generation holds (look-alikes)
+    """
+    SELECT count(a.transaction_id)
+      FROM (SELECT * FROM seed_users WHERE life IN ('expired_top_up', 'top_up_future', 'held_past_expiry')
+             ORDER BY i) u
+     CROSS JOIN LATERAL public.add_points(
+           u.pid, 500, 'top_up', 'top-up pack small',
+           'top_up:seed_' || pg_temp.suuid(%(seed)s, 'topup', u.i)::text,
+           jsonb_build_object('pack', 'small', 'price_id', 'price_topup_500',
+                              'payment_id', 'seed_' || pg_temp.suuid(%(seed)s, 'topup', u.i)::text),
+           CASE u.life WHEN 'expired_top_up' THEN %(anchor)s::timestamptz - interval '5 days'
+                       WHEN 'held_past_expiry' THEN %(anchor)s::timestamptz - interval '5 minutes'
+                       ELSE %(anchor)s::timestamptz + interval '300 days' END) a
+    """,
+    # the hold was placed before the pack expired (reserve_points would refuse expired credits now)
+    """
+    WITH r AS (
+        INSERT INTO public.points_reservations (job_id, user_id, amount, status, metadata, created_at, expires_at)
+        SELECT 'job_' || pg_temp.suuid(%(seed)s, 'held', u.i)::text, u.pid, 500, 'active',
+               jsonb_build_object('kind', 'video'), %(anchor)s::timestamptz - interval '10 minutes',
+               now() + interval '1 hour'
+          FROM seed_users u WHERE u.life = 'held_past_expiry' ORDER BY u.i
+        RETURNING user_id, amount
+    )
+    UPDATE public.points_balances b SET reserved = b.reserved + r.amount FROM r WHERE b.user_id = r.user_id
+    """,
+    # refunds: a partial refund (look-alike); a refund through refund_generation and another by the support
+    # console naming the same deduction by its key, the way refunds were written before (fault)
+    f"""
+    SELECT count(r.transaction_id)
+      FROM ({_DEDUCTION_OF}) d
+     CROSS JOIN LATERAL public.refund_generation(d.id, CASE WHEN d.life = 'partial_refund' THEN -d.amount / 2 END) r
+    """,
+    f"""
+    SELECT count(a.transaction_id)
+      FROM ({_DEDUCTION_OF}) d
+     CROSS JOIN LATERAL public.add_points(
+           d.pid, -d.amount, 'refund', 'refund (support console)',
+           'support_refund:' || pg_temp.suuid(%(seed)s, 'support_refund', d.i)::text,
+           jsonb_build_object('refund_of', d.idempotency_key, 'via', 'support console')) a
+     WHERE d.life = 'refunded_twice'
+    """,
+    # rolled over within the cap: the functions path rolled it at the user's first write after the
+    # period's end; bulk writes ran no lazy expiry, so roll it here (a no-op when already done)
+    """
+    SELECT count(e.lots) FROM (SELECT pid FROM seed_users WHERE life = 'rolled_over' ORDER BY i) u
+     CROSS JOIN LATERAL public.expire_lots(u.pid) e
+    """,
+    # a lot whose remaining no longer agrees with its draws (a bug that updated it behind the ledger)
+    """
+    UPDATE public.points_lots l SET remaining = l.remaining + 25
+      FROM seed_users u
+     WHERE u.life = 'lot_drift' AND l.id = (SELECT max(x.id) FROM public.points_lots x WHERE x.user_id = u.pid)
+    """,
+)
+
 _MANIFEST = """
 INSERT INTO public.demo_seed_manifest (rule, bestauth_user_id, variant)
 SELECT rule, bid, variant FROM seed_users WHERE kind = 'fault';
@@ -625,6 +750,8 @@ def seed_range(conn: psycopg.Connection, config: CreditsConfig, *, lo: int, hi: 
         else:
             cur.execute(_APPLY_BULK)
         cur.execute(_DRIFT)
+        for stmt in _LIFECYCLE:
+            cur.execute(stmt, params)
         if mode == "functions":
             cur.execute(_FAILURES_RECENT_FUNCTIONS)
         cur.execute(_FAILURES_DIRECT, params)
@@ -632,7 +759,8 @@ def seed_range(conn: psycopg.Connection, config: CreditsConfig, *, lo: int, hi: 
         counts["users"] = hi - lo + 1
         counts["failures"] = cur.execute("SELECT count(*) FROM seed_failures").fetchone()[0]
         counts["faults"] = cur.execute("SELECT count(*) FROM seed_users WHERE kind = 'fault'").fetchone()[0]
-        cur.execute("DROP TABLE seed_failures, seed_events, seed_periods, seed_users, seed_profiles")
+        cur.execute("DROP TABLE seed_plan_changes, seed_failures, seed_events, seed_periods, seed_users, "
+                    "seed_profiles")
     return counts
 
 

@@ -35,6 +35,10 @@ EXPECTED_FIX = {
     "huge_paid_balance": None,                    # report only
     "free_with_credits": None,                    # report only
     "burst": None,                                # report only
+    "expired_top_up": "expire_lots",
+    "lot_drift": None,                            # lots are never rewritten by the audit
+    "refunded_twice": None,                       # taking credits back is a decision
+    "upgrade_without_grant": "grant_plan_change",
 }
 
 

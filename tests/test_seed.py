@@ -38,7 +38,30 @@ SELECT u.id::text AS bid, u.email, m.supabase_user_id::text AS mapped,
        coalesce(m.supabase_user_id, public.uuid_or_null(s.metadata ->> 'resolved_supabase_user_id'),
                 public.uuid_or_null(s.metadata ->> 'supabase_user_id'),
                 public.uuid_or_null(s.metadata ->> 'original_userId'), u.id)::text AS uid,
-       b.balance, b.lifetime_earned, b.lifetime_spent,
+       b.balance, b.lifetime_earned, b.lifetime_spent, b.reserved,
+       (SELECT coalesce(sum(l.remaining), 0) FROM public.points_lots l WHERE l.user_id = b.user_id) AS lots_sum,
+       (SELECT coalesce(sum(l.remaining), 0) FROM public.points_lots l
+         WHERE l.user_id = b.user_id AND l.remaining > 0 AND l.expires_at <= now()) AS due_credits,
+       (SELECT count(*) FROM public.points_lots l
+         WHERE l.user_id = b.user_id AND l.period_end IS NOT NULL AND l.rolled_over > 0) AS rolled_lots,
+       (SELECT count(*) FROM public.points_lots l
+         WHERE l.user_id = b.user_id AND l.source_type = 'top_up' AND l.expires_at > now()) AS future_top_ups,
+       (SELECT count(*) FROM public.points_transactions d
+         WHERE d.user_id = b.user_id AND d.transaction_type = 'generation_deduction'
+           AND EXISTS (SELECT 1 FROM public.points_transactions r WHERE r.idempotency_key = 'refund:' || d.id)
+           AND EXISTS (SELECT 1 FROM public.points_transactions r
+                        WHERE r.transaction_type = 'refund' AND r.metadata ->> 'refund_of' = d.idempotency_key))
+           AS refunded_twice,
+       (SELECT count(*) FROM public.points_transactions d
+          JOIN public.points_transactions r ON r.idempotency_key = 'refund:' || d.id
+         WHERE d.user_id = b.user_id AND r.amount < -d.amount) AS partial_refunds,
+       (SELECT count(*) FROM public.subscription_plan_changes c
+         WHERE c.subscription_id = s.id AND c.kind = 'upgrade' AND c.credits > 0
+           AND NOT EXISTS (SELECT 1 FROM public.points_transactions t WHERE t.idempotency_key = c.idempotency_key))
+           AS upgrades_without_grant,
+       (SELECT count(*) FROM public.subscription_plan_changes c
+         WHERE c.subscription_id = s.id AND c.kind = 'downgrade' AND c.effective_at = s.current_period_end)
+           AS pending_downgrades,
        coalesce(l.n, 0) AS ledger_rows, coalesce(l.total, 0) AS ledger_sum, coalesce(l.earned, 0) AS earned,
        coalesce(l.spent, 0) AS spent, coalesce(l.breaks, 0) AS breaks, coalesce(l.direct_rows, 0) AS direct_rows,
        coalesce(f.recent, 0) AS fails_recent, coalesce(f.all_, 0) AS fails_all,
@@ -114,6 +137,11 @@ FAULT_SHAPE: dict[str, Callable[[dict[str, Any], CreditsConfig], bool]] = {
     and consistent(f),
     "burst": lambda f, c: f["fails_recent"] >= c.audit.failed_deductions_per_hour and f["status"] == "active"
     and f["balance"] < c.generation_cost("video") and consistent(f),
+    "expired_top_up": lambda f, c: f["due_credits"] >= 500 and f["reserved"] == 0 and consistent(f),
+    "lot_drift": lambda f, c: f["lots_sum"] == f["ledger_sum"] + 25 and consistent(f),
+    "refunded_twice": lambda f, c: f["refunded_twice"] == 1 and consistent(f),
+    "upgrade_without_grant": lambda f, c: f["upgrades_without_grant"] == 1 and f["tier"] == "pro_plus"
+    and f["cur_key"] == 1 and consistent(f),
 }
 
 # what each look-alike category must look like: suspicious at a glance, healthy by the contract
@@ -130,6 +158,12 @@ LOOKALIKE_SHAPE: dict[str, Callable[[dict[str, Any], CreditsConfig], bool]] = {
     "no_subscription": lambda f, c: f["sub_id"] is None and f["balance"] is None and f["mapped"] is not None,
     "few_failed_deductions": lambda f, c: 1 <= f["fails_recent"] < c.audit.failed_deductions_per_hour
     and f["fails_all"] > f["fails_recent"],
+    "rolled_over": lambda f, c: f["rolled_lots"] == 1 and f["due_credits"] == 0 and f["prev_grants"] == 1,
+    "downgrade_pending": lambda f, c: f["pending_downgrades"] == 1 and "pending_plan" in f["metadata"]
+    and f["tier"] == "pro_plus",
+    "partial_refund": lambda f, c: f["partial_refunds"] == 1,
+    "top_up_future": lambda f, c: f["future_top_ups"] == 1 and f["due_credits"] == 0,
+    "held_past_expiry": lambda f, c: f["due_credits"] == 500 and f["reserved"] == 500 and f["balance"] == 500,
 }
 
 
@@ -176,6 +210,7 @@ def test_healthy_users_are_consistent_and_plausible(seeded: Any, conn: psycopg.C
     healthy = [f for bid, f in rows.items() if bid not in manifest.faulted]
     assert len(healthy) == USERS - len(manifest.faulted)
     assert not [f["email"] for f in healthy if not consistent(f)]
+    assert not [f["email"] for f in healthy if f["lots_sum"] != f["ledger_sum"]]
     assert not [f["email"] for f in healthy if f["mapped"] is None
                 or (f["sub_id"] and f["metadata"].get("resolved_supabase_user_id") != f["mapped"])]
     for f in healthy:
@@ -203,8 +238,20 @@ def _dump(url: str) -> dict[str, Any]:
             "mapping": c.execute("SELECT bestauth_user_id, supabase_user_id FROM public.user_id_mapping ORDER BY 1").fetchall(),
             "subs": c.execute("""SELECT id, user_id, tier, billing_cycle, status, current_period_start, current_period_end,
                                         metadata FROM public.subscriptions_consolidated ORDER BY id""").fetchall(),
-            "ledger": c.execute("""SELECT idempotency_key, user_id, amount, balance_after, transaction_type, description,
-                                          metadata FROM public.points_transactions ORDER BY idempotency_key""").fetchall(),
+            # ledger ids differ between the modes (bulk writes in time order across users): a refund naming
+            # its deduction by id (refund_generation) is compared by that deduction's key instead
+            "ledger": c.execute("""
+                SELECT coalesce('refund:' || d.idempotency_key, t.idempotency_key) AS k, t.user_id, t.amount,
+                       t.balance_after, t.transaction_type,
+                       CASE WHEN d.id IS NULL THEN t.description
+                            ELSE replace(t.description, 'ledger row ' || d.id, 'ledger row ' || d.idempotency_key) END,
+                       CASE WHEN d.id IS NULL THEN t.metadata
+                            ELSE t.metadata || jsonb_build_object('refund_of', d.idempotency_key) END
+                  FROM public.points_transactions t
+                  LEFT JOIN public.points_transactions d
+                         ON d.id = CASE WHEN jsonb_typeof(t.metadata -> 'refund_of') = 'number'
+                                        THEN (t.metadata ->> 'refund_of')::bigint END
+                 ORDER BY k""").fetchall(),
             "balances": c.execute("""SELECT user_id, balance, lifetime_earned, lifetime_spent
                                        FROM public.points_balances ORDER BY user_id""").fetchall(),
             "failures": c.execute("""SELECT user_id, amount, idempotency_key, created_at > now() - interval '1 hour'
@@ -255,6 +302,9 @@ def _row_counts(url: str) -> dict[str, int]:
         tables = [r[0] for r in c.execute(
             """SELECT tablename FROM pg_tables WHERE schemaname = 'public'
                 AND tablename NOT IN ('schema_migrations', 'demo_seed_runs') ORDER BY 1""").fetchall()]
+        # a draw is a consumption row, or (deduct_points' fast path, which bulk writes never take) the ledger
+        # row's own lot_id: compare the draws, not where each mode keeps them
+        tables = ["points_lot_draws" if t == "points_lot_consumptions" else t for t in tables]
         return {t: c.execute(pgsql.SQL("SELECT count(*) FROM {}").format(pgsql.Identifier("public", t))).fetchone()[0]
                 for t in tables}
 
