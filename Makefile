@@ -21,6 +21,7 @@ test: install
 
 bench: install
 	$(BIN)/python -m benchmarks.ledger_throughput
+	$(BIN)/python -m benchmarks.lots_throughput
 	$(BIN)/python -m benchmarks.audit_scale
 
 ui: install
