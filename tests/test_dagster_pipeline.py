@@ -25,7 +25,8 @@ from tests.dagster_helpers import checks_by_rule, live_config, metadata, output,
 from tests.factories import make_user
 
 SEVERITY = {"critical": AssetCheckSeverity.ERROR, "warning": AssetCheckSeverity.WARN}
-FIXABLE_ONLY = ("mapping_present", "metadata_resolved", "paid_users_funded")  # every seeded fault has a fix
+FIXABLE_ONLY = ("mapping_present", "metadata_resolved", "paid_users_funded", "expiry_applied",
+                "plan_change_grants")  # every seeded fault has a fix
 
 
 
@@ -125,7 +126,8 @@ def test_fix_job_dry_capped_then_a_two_day_backfill(db_url: str, conn: psycopg.C
     assert dry_meta["live"] is False and dry_meta["applied"] == 0
     assert dry_meta["planned_fixes"] == len(planned_now) > 0 and dry_meta["fix_run_id"] == "dry run"
     assert {f["action"] for f in output(dry, "applied_fixes")["fixes"]} == {
-        "create_mapping", "write_resolved_metadata", "grant_period", "reverse_duplicate_grant", "rebuild_balance"}
+        "create_mapping", "write_resolved_metadata", "grant_period", "reverse_duplicate_grant", "rebuild_balance",
+        "grant_plan_change", "expire_lots"}
     assert table_dump(conn) == before  # dry: nothing written, not even a run record
 
     # over the cap: refused before anything is written (only the fix step, on the dry run's stored plan)

@@ -181,6 +181,12 @@ def test_lifecycle_rules_find_faults_spare_lookalikes_and_fix(db_url: str, conn:
     assert {r: res.checked for r, res in report.results.items()}["plan_change_grants"] == 2  # the handler's too
     assert {p.action for p in report.plan} == {"expire_lots", "grant_plan_change"}
 
+    # one user's audit (diagnose, `audit --user`) reads only that user's rows and finds the same
+    one = run_audit(db_url, config, rules=LIFECYCLE, users=["refunded_twice@example.com", "lot_drift@example.com"])
+    assert {(f.rule, name_of[f.bestauth_user_id]) for f in one.findings} == {
+        (f.rule, name_of[f.bestauth_user_id]) for f in report.findings
+        if name_of[f.bestauth_user_id] in ("refunded_twice", "lot_drift")}
+
     # as of an instant before the second refund, that deduction was refunded once: not a finding then
     past = run_audit(db_url, config, rules=["refunds_bounded"], as_of=before_last)
     assert {name_of[f.bestauth_user_id] for f in past.findings} == {"over_refunded"}
