@@ -288,3 +288,27 @@ def test_a_refund_into_an_expired_lot_expires_again_at_once(ledger: Ledger, conn
     assert kinds == ["adjustment", "adjustment", "generation_deduction", "expiry", "refund", "expiry"]
     assert ledger.balance(uid).balance == 2
     assert_consistent(conn)
+
+
+def test_refund_rows_written_around_refund_generation_keep_the_lots_true(ledger: Ledger,
+                                                                         conn: psycopg.Connection) -> None:
+    """A refund row written straight through add_points (metadata.refund_of, no once-only check): a second
+    refund of the same deduction returns nothing more to its lots, and credits beyond what it drew become a
+    lot of their own -- the lots still sum to the ledger; refunds_bounded is what reports the excess."""
+    uid = uuid.uuid4()
+    a = grant(conn, uid, 100, "a")
+    w = ledger.deduct(uid, 30, idempotency_key="gen")
+    meta = psycopg.types.json.Jsonb({"refund_of": w.transaction_id})
+    first = conn.execute("SELECT transaction_id FROM public.add_points(%s, 30, 'refund', 'r1', 'r1', %s)",
+                         (uid, meta)).fetchone()[0]
+    second = conn.execute("SELECT transaction_id FROM public.add_points(%s, 50, 'refund', 'r2', 'r2', %s)",
+                          (uid, meta)).fetchone()[0]
+    assert draws(conn, first) == {a: -30}
+    assert draws(conn, second) == {}  # nothing left to return to lot a
+    assert lots(conn, uid) == {a: (100, 0), second: (50, 0)}
+    assert conn.execute("SELECT granted FROM public.points_lots WHERE id = %s", (second,)).fetchone()[0] == 50
+    over = conn.execute("SELECT transaction_id FROM public.add_points(%s, 40, 'refund', 'r3', 'r3', %s)",
+                        (uid, psycopg.types.json.Jsonb({"refund_of": ledger.deduct(uid, 20, idempotency_key="g2")
+                                                        .transaction_id}))).fetchone()[0]
+    assert conn.execute("SELECT granted, remaining FROM public.points_lots WHERE id = %s", (over,)).fetchone() == (20, 20)
+    assert_consistent(conn)
