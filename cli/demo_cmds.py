@@ -125,6 +125,7 @@ def run_demo(*, users: int, fault_rate: float, seed: int, database: str = DEMO_D
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     from checks.audit import run_audit
     from checks.fixes import apply_fixes
+    from checks.rules import RULES
     from checks.seed import reset_database
     from checks.seed import seed as run_seed
     from ledger import db
@@ -144,7 +145,7 @@ def run_demo(*, users: int, fault_rate: float, seed: int, database: str = DEMO_D
     if not json_out:
         _print_seed(manifest, None, step="1. Seed")
 
-    say("\n[bold]2. Audit[/] (dry run: reads one consistent snapshot, runs the 7 rules as Great Expectations "
+    say(f"\n[bold]2. Audit[/] (dry run: reads one consistent snapshot, runs the {len(RULES)} rules as Great Expectations "
         "suites, plans fixes, writes nothing)")
     t = time.perf_counter()
     before = run_audit(url, config)
