@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
+from checks.rules import RULES
 from checks.seed import seed
 from ledger.config import CreditsConfig
 from tests.dagster_helpers import checks_by_rule, run_job, today
@@ -123,7 +124,7 @@ def test_asset_checks_page_shows_failing_rules_and_severity(chromium: str, dagst
                 skip.click(timeout=8000)
             except Exception:  # noqa: BLE001 - the prompt does not always appear
                 pass
-            expect(page.get_by_text("Checks (7)")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(f"Checks ({len(RULES)})")).to_be_visible(timeout=60_000)
 
             for rule, severity in (("paid_users_funded", "critical"), ("mapping_present", "warning")):
                 row = page.locator("[class*=checkRow]").filter(has=page.locator(f"[title='{rule}']"))
