@@ -86,6 +86,8 @@ def server_url(args: argparse.Namespace) -> str:
 def bench_db_name(args: argparse.Namespace) -> str:
     from checks.seed import SEED_FORMAT
 
+    if getattr(args, "database", None):
+        return args.database
     return f"credits_bench_{args.users}_s{args.seed}_f{int(round(args.faults * 1000))}_v{SEED_FORMAT}"
 
 
@@ -381,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="connections writing the population at once")
     p.add_argument("--chunk", type=int, default=100_000, help="users per write transaction")
     p.add_argument("--url", help="server to use (default $DATABASE_URL, else an embedded one in .data/bench)")
+    p.add_argument("--database", help="audit this existing bench database (e.g. one written by an older seed "
+                                      "format; it is migrated first) instead of the one named by the seed format")
     p.add_argument("--regenerate", action="store_true", help="rebuild the bench database even if it matches")
     p.add_argument("--drop", action="store_true", help="drop the bench database at the end")
     p.add_argument("--child-audit", metavar="URL", help=argparse.SUPPRESS)
