@@ -110,7 +110,8 @@ def dry_run_deduction(url: str, user_id: str, amount: int) -> tuple[bool, str]:
 # is not registered.
 LIFECYCLE_SQL = """
 WITH lots AS (
-    SELECT l.*, coalesce((SELECT sum(d.amount) FROM public.points_lot_draws d WHERE d.lot_id = l.id), 0) AS drawn
+    SELECT l.*, coalesce((SELECT sum(d.amount) FROM public.points_lot_draws d
+                        WHERE d.user_id = l.user_id AND d.lot_id = l.id), 0) AS drawn
       FROM public.points_lots l WHERE l.user_id = %(uid)s
 ), bal AS (
     SELECT coalesce((SELECT b.balance FROM public.points_balances b WHERE b.user_id = %(uid)s), 0) AS balance,

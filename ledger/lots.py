@@ -198,7 +198,8 @@ class LotsMixin:
                 """SELECT k.lot_id, k.transaction_id, t.transaction_type, k.amount, k.created_at, t.description
                      FROM public.points_lot_draws k
                      JOIN public.points_transactions t ON t.id = k.transaction_id
-                    WHERE k.lot_id = ANY (%s) ORDER BY k.transaction_id""", ([lot["id"] for lot in lots],)).fetchall()
+                    WHERE k.user_id = %s AND k.lot_id = ANY (%s)  -- user_id: the ledger half by its index
+                    ORDER BY k.transaction_id""", (uid, [lot["id"] for lot in lots])).fetchall()
         by_lot: dict[int, list[Draw]] = {}
         for d in draws:
             by_lot.setdefault(d["lot_id"], []).append(Draw(d["transaction_id"], d["transaction_type"], d["amount"],
