@@ -377,15 +377,11 @@ class Ledger(ReservationsMixin, LotsMixin):
     def balance(self, user_id: uuid.UUID | str) -> Balance:
         """The user's balance, after what is due to expire is written off (never shows expired credits)."""
         uid = parse_uuid(user_id)
-        self._fetchone("SELECT public.expire_lots_if_due(%s)", (uid,))
-        with self.connection() as conn:
-            row = conn.execute(
-                "SELECT user_id, balance, lifetime_earned, lifetime_spent, updated_at "
-                "FROM public.points_balances WHERE user_id = %s", (uid,),
-            ).fetchone()
+        row = self._fetchone("SELECT balance, lifetime_earned, lifetime_spent, updated_at "
+                             "FROM public.current_balance(%s)", (uid,))  # one call: expire what is due, read
         if row is None:
             return Balance(uid, 0, 0, 0, None)
-        return Balance(row[0], int(row[1]), int(row[2]), int(row[3]), row[4])
+        return Balance(uid, int(row[0]), int(row[1]), int(row[2]), row[3])
 
     def history(self, user_id: uuid.UUID | str, limit: int = 50) -> list[Transaction]:
         uid = parse_uuid(user_id)

@@ -329,7 +329,7 @@ END $$;
 -- A balance read that never shows expired credits: expires what is due first.
 CREATE FUNCTION public.current_balance(p_user_id uuid)
 RETURNS TABLE (balance bigint, reserved bigint, spendable bigint, lifetime_earned bigint, lifetime_spent bigint,
-               next_expiry timestamptz)
+               next_expiry timestamptz, updated_at timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 BEGIN
     IF p_user_id IS NULL THEN
@@ -337,7 +337,7 @@ BEGIN
     END IF;
     PERFORM public.expire_lots_if_due(p_user_id);
     RETURN QUERY SELECT b.balance, b.reserved, b.balance - b.reserved, b.lifetime_earned, b.lifetime_spent,
-                        b.next_expiry
+                        b.next_expiry, b.updated_at
                    FROM public.points_balances b WHERE b.user_id = p_user_id;
 END $$;
 
