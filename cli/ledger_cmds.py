@@ -20,6 +20,11 @@ def _amount(value: str) -> int:
     return int(text)
 
 
+# `credits grant x -5` would otherwise be read as an unknown option "-5"; passed through, it reaches
+# _amount, which says what is wrong with it.
+_NEGATIVE_AMOUNTS = {"ignore_unknown_options": True}
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
@@ -44,7 +49,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "; up to date")
                   + f" on {db.describe_url(url)}" + ("; row-level security for Supabase in place" if supabase else ""))
 
-    @app.command()
+    @app.command(context_settings=_NEGATIVE_AMOUNTS)
     @handle_errors
     def grant(
         user: Annotated[str, USER],
@@ -63,7 +68,7 @@ def register(app: typer.Typer) -> None:
                                  metadata={"via": "credits grant"})
         _report("granted", credits, who, write, json_out)
 
-    @app.command()
+    @app.command(context_settings=_NEGATIVE_AMOUNTS)
     @handle_errors
     def deduct(
         user: Annotated[str, USER],

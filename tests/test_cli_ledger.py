@@ -31,7 +31,9 @@ def test_bad_input_exits_3_with_one_clear_line_and_writes_nothing(db_url: str, c
     make_user(conn, "bob@example.com")
     cases = [
         (("grant", "nobody@example.com", "10"), "no user with email"),
-        (("grant", "bob@example.com", "-5"), ""),
+        (("grant", "bob@example.com", "-5"), "positive whole number"),
+        (("deduct", "bob@example.com", "-1"), "positive whole number"),
+        (("grant", "bob@example.com", "5", "--bogus"), "unexpected extra argument"),
         (("grant", "bob@example.com", "ten"), "whole number"),
         (("grant", "bob@example.com", "0"), "positive"),
         (("grant", "bob@example.com", "99999999999"), "maximum"),
