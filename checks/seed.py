@@ -16,7 +16,9 @@ How it is written, and why that way:
   a chain-breaking ledger row is INSERTed directly (never UPDATE/DELETE; the immutability trigger
   stays on), and a drifted balance cache is an UPDATE of ``points_balances``.
 - ``mode="bulk"`` writes the very same rows with ``balance_after`` computed by a window sum instead of
-  calling the functions once per row (the benchmark's 10M rows; the tests check both modes agree).
+  calling the functions once per row, and their credit lots and draws set-based with the per-row lots
+  trigger off for that INSERT (the benchmark's 10M rows; the tests check both modes agree, and that the
+  set-based lots are the trigger's).
 - Deterministic: every choice is a hash of (seed, user number, purpose); ids are md5-derived. The only
   input besides the seed is ``now`` (the periods are laid out around it; pass it to reproduce exactly).
 - Safe: seeding refuses a database that already holds users, and a reset refuses a database that holds
@@ -533,7 +535,115 @@ UPDATE public.points_balances b
 # Written in time order across users (a user's n-th event after everyone's earlier ones), as a real
 # ledger is laid out on disk: one user's rows are scattered, not adjacent (which would flatter any
 # per-user read). Ids still increase along each user's own sequence, so the chain order holds.
-_APPLY_BULK = """
+#
+# The credit lots (sql/011) are built set-based beside them, not by the per-row lots trigger (which
+# made 10M rows take hours): the ids are drawn from the ledger's sequence first (in that time order), so
+# every positive row's lot and every draw can be computed before the rows are written. Draws follow the
+# trigger's consumption order (priority, then soonest expiry, none last, then oldest); the bulk plan's
+# lots are consumed in grant order (checked below), where that order makes a user's draws a cumulative
+# interval match: draw j covers [D_j - d_j, D_j) of the user's drawn credits, lot k the interval
+# [C_k - g_k, C_k) of the granted ones, and the overlap is what j took from k. A draw on one lot carries
+# it in its own lot_id (as deduct_points' fast path writes it), a draw on several has consumption rows.
+# The lots trigger is off for this one INSERT (see _bulk_insert_ledger); tests compare the result with
+# the trigger's on the same plan (bulk_lots="trigger") and with the function path.
+_BULK_LEDGER = """
+CREATE TEMP TABLE seed_ledger ON COMMIT DROP AS
+SELECT nextval(%(id_seq)s::regclass) AS id, x.*
+  FROM (SELECT e.i, e.seq, e.user_id, e.amount, e.transaction_type, e.description, e.idempotency_key,
+               e.metadata, sum(e.amount) OVER (PARTITION BY e.i ORDER BY e.seq) + e.raw_offset AS balance_after
+          FROM seed_events e ORDER BY e.seq, e.i) x
+"""
+
+# every positive row is a lot, with the trigger's terms (metadata.lot; the grant_priority setting)
+_BULK_LOTS = """
+CREATE TEMP TABLE seed_lots ON COMMIT DROP AS
+SELECT t.*, sum(t.granted) OVER w AS c_end, row_number() OVER w AS by_order,
+       row_number() OVER (PARTITION BY t.user_id ORDER BY t.id) AS by_id
+  FROM (SELECT l.id, l.user_id, l.transaction_type AS source_type, l.amount AS granted,
+               coalesce(CASE WHEN jsonb_typeof(l.metadata -> 'lot' -> 'priority') = 'number'
+                             THEN (l.metadata -> 'lot' ->> 'priority')::integer END,
+                        (SELECT s.value::integer FROM public.ledger_settings s WHERE s.name = 'grant_priority'),
+                        50) AS priority,
+               x.expires_at,
+               CASE WHEN x.expires_at IS NOT NULL AND jsonb_typeof(l.metadata -> 'lot' -> 'rollover_cap') = 'number'
+                    THEN (l.metadata -> 'lot' ->> 'rollover_cap')::bigint END AS rollover_cap,
+               CASE WHEN x.expires_at IS NOT NULL AND jsonb_typeof(l.metadata -> 'lot' -> 'rollover_until') = 'string'
+                    THEN (l.metadata -> 'lot' ->> 'rollover_until')::timestamptz END AS rollover_until
+          FROM seed_ledger l
+         CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(l.metadata -> 'lot' -> 'expires_at') = 'string'
+                                         THEN (l.metadata -> 'lot' ->> 'expires_at')::timestamptz END AS expires_at) x
+         WHERE l.amount > 0) t
+WINDOW w AS (PARTITION BY t.user_id ORDER BY t.priority, t.expires_at, t.id)
+"""
+
+# per user in ledger order: drawn so far (d_end), the running sum (what the lots written so far still
+# hold after this row), and what the interval match cannot stand for
+_BULK_WALK = """
+CREATE TEMP TABLE seed_walk ON COMMIT DROP AS
+SELECT l.id, l.user_id, l.amount, sum(greatest(-l.amount, 0)) OVER w AS d_end, sum(l.amount) OVER w AS run,
+       coalesce(l.seq < lag(l.seq) OVER w, false) AS out_of_order,
+       (l.amount > 0 AND l.transaction_type = 'refund' AND jsonb_typeof(l.metadata -> 'refund_of') = 'number')
+       OR (l.amount < 0 AND l.transaction_type = 'expiry' AND jsonb_typeof(l.metadata -> 'lot_id') = 'number')
+           AS targeted
+  FROM seed_ledger l
+WINDOW w AS (PARTITION BY l.user_id ORDER BY l.id)
+"""
+
+_BULK_CHECK = """
+SELECT (SELECT count(*) FROM seed_walk WHERE out_of_order) AS out_of_order,
+       (SELECT count(*) FROM seed_walk WHERE targeted) AS targeted,
+       (SELECT count(*) FROM seed_walk WHERE amount < 0 AND run < 0) AS uncovered,
+       (SELECT count(*) FROM seed_lots WHERE by_order <> by_id) AS reordered
+"""
+
+_BULK_DRAWS = """
+CREATE TEMP TABLE seed_draw_lots ON COMMIT DROP AS
+SELECT w.id AS transaction_id, o.id AS lot_id, w.user_id,
+       least(w.d_end, o.c_end) - greatest(w.d_end + w.amount, o.c_end - o.granted) AS amount,
+       count(*) OVER (PARTITION BY w.id) AS lots
+  FROM seed_walk w
+  JOIN seed_lots o ON o.user_id = w.user_id AND o.c_end > w.d_end + w.amount AND o.c_end - o.granted < w.d_end
+ WHERE w.amount < 0
+"""
+
+_BULK_INSERT_LEDGER = """
+INSERT INTO public.points_transactions
+    (id, user_id, amount, balance_after, transaction_type, description, idempotency_key, metadata, lot_id)
+OVERRIDING SYSTEM VALUE
+SELECT l.id, l.user_id, l.amount, l.balance_after, l.transaction_type, l.description, l.idempotency_key,
+       l.metadata, d.lot_id
+  FROM seed_ledger l
+  LEFT JOIN seed_draw_lots d ON d.transaction_id = l.id AND d.lots = 1
+ ORDER BY l.id
+"""
+
+_BULK_INSERT_LOTS = """
+INSERT INTO public.points_lots (id, user_id, source_type, granted, remaining, priority, expires_at,
+                                rollover_cap, rollover_until, created_at)
+SELECT o.id, o.user_id, o.source_type, o.granted, o.granted - coalesce(d.drawn, 0), o.priority, o.expires_at,
+       o.rollover_cap, o.rollover_until, now()
+  FROM seed_lots o
+  LEFT JOIN (SELECT x.lot_id, sum(x.amount) AS drawn FROM seed_draw_lots x GROUP BY x.lot_id) d ON d.lot_id = o.id
+ ORDER BY o.id;
+INSERT INTO public.points_lot_consumptions (transaction_id, lot_id, user_id, amount, created_at)
+SELECT d.transaction_id, d.lot_id, d.user_id, d.amount, now()
+  FROM seed_draw_lots d WHERE d.lots > 1
+ ORDER BY d.transaction_id, d.lot_id;
+INSERT INTO public.points_balances (user_id, balance, lifetime_earned, lifetime_spent, next_expiry)
+SELECT e.user_id, sum(e.amount),
+       coalesce(sum(e.amount) FILTER (WHERE e.amount > 0), 0),
+       coalesce(-sum(e.amount) FILTER (WHERE e.amount < 0), 0),
+       min(x.next_expiry)
+  FROM seed_events e
+  LEFT JOIN (SELECT l.user_id, min(l.expires_at) AS next_expiry
+               FROM seed_lots o JOIN public.points_lots l ON l.id = o.id
+              WHERE o.expires_at IS NOT NULL AND l.remaining > 0
+              GROUP BY l.user_id) x ON x.user_id = e.user_id
+ GROUP BY e.user_id;
+"""
+
+# The test oracle for the above: the same rows in the same order with the lots trigger on (per row).
+_APPLY_BULK_TRIGGER = """
 INSERT INTO public.points_transactions
     (user_id, amount, balance_after, transaction_type, description, idempotency_key, metadata)
 SELECT x.user_id, x.amount, x.balance_after, x.transaction_type, x.description, x.idempotency_key, x.metadata
@@ -547,6 +657,58 @@ SELECT e.user_id, sum(e.amount),
   FROM seed_events e
  GROUP BY e.user_id;
 """
+
+_LOTS_TRIGGER = "points_transactions_lots"
+
+
+def _apply_bulk(conn: psycopg.Connection, cur: psycopg.Cursor) -> None:
+    """The plan's ledger rows, their lots and draws, and the balances, set-based (see _BULK_LEDGER)."""
+    id_seq = cur.execute("SELECT pg_get_serial_sequence('public.points_transactions', 'id')").fetchone()[0]
+    cur.execute(_BULK_LEDGER, {"id_seq": id_seq})
+    for stmt in (_BULK_LOTS, _BULK_WALK):
+        cur.execute(stmt)
+    out_of_order, targeted, uncovered, reordered = cur.execute(_BULK_CHECK).fetchone()
+    if out_of_order or targeted or uncovered or reordered:
+        # the interval match would not be what the trigger writes: refuse rather than write other lots
+        raise CreditError(
+            "bulk seed: the lots cannot be built set-based for this plan (rows out of per-user order: "
+            f"{out_of_order}, refunds/expiry naming their lot: {targeted}, draws beyond the lots written before "
+            f"them: {uncovered}, lots not consumed in grant order: {reordered}); use mode='functions'")
+    cur.execute(_BULK_DRAWS)
+    _bulk_insert_ledger(conn, cur)
+    cur.execute(_BULK_INSERT_LOTS)
+    cur.execute("DROP TABLE seed_draw_lots, seed_walk, seed_lots, seed_ledger")
+
+
+def _bulk_insert_ledger(conn: psycopg.Connection, cur: psycopg.Cursor) -> None:
+    """INSERT the ledger rows with the lots trigger off (their lots are written next, in this transaction).
+
+    ``session_replication_role = replica`` skips the trigger for this session only, so chunks written by
+    parallel connections do not wait for each other; it needs a superuser (or the SET privilege), and it
+    would skip every trigger, so it is used only while the lots trigger is the table's only INSERT
+    trigger. Otherwise ``ALTER TABLE ... DISABLE TRIGGER`` (the owner may), which holds a lock that makes
+    other writers of the ledger wait until this transaction ends. Both end with the transaction's own
+    scope: the trigger is back on before anyone else can write.
+    """
+    others = [r[0] for r in cur.execute(
+        """SELECT tgname FROM pg_trigger WHERE tgrelid = 'public.points_transactions'::regclass
+            AND tgenabled <> 'D' AND (tgtype & 4) <> 0 AND tgname <> %s""", (_LOTS_TRIGGER,)).fetchall()]
+    role = cur.execute("SELECT current_setting('session_replication_role')").fetchone()[0]
+    if not others:
+        try:
+            with conn.transaction():
+                cur.execute("SELECT set_config('session_replication_role', 'replica', true)")
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        else:
+            cur.execute(_BULK_INSERT_LEDGER)
+            cur.execute("SELECT set_config('session_replication_role', %s, true)", (role,))
+            return
+    table = sql.Identifier("public", "points_transactions")
+    cur.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(table, sql.Identifier(_LOTS_TRIGGER)))
+    cur.execute(_BULK_INSERT_LEDGER)
+    cur.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER {}").format(table, sql.Identifier(_LOTS_TRIGGER)))
+
 
 # The drifted cache: the balance moved without a ledger row (+70 or -30; lifetime totals untouched).
 _DRIFT = """
@@ -708,14 +870,17 @@ def _params(config: CreditsConfig, *, seed: int, lo: int, hi: int, fault_rate: f
 
 
 def seed_range(conn: psycopg.Connection, config: CreditsConfig, *, lo: int, hi: int, fault_rate: float,
-               seed: int, anchor: datetime, mode: str = "functions") -> dict[str, int]:
+               seed: int, anchor: datetime, mode: str = "functions", bulk_lots: str = "set") -> dict[str, int]:
     """Plan and write users lo..hi (inclusive) inside the caller's transaction; returns row counts.
 
     Users are numbered globally, so ranges written by parallel connections make the same population
-    as one call (the benchmark splits a million users this way).
+    as one call (the benchmark splits a million users this way). ``bulk_lots="trigger"`` has bulk mode
+    leave the lots to the per-row trigger: the reference the set-based lots are tested against.
     """
     if mode not in ("functions", "bulk"):
         raise ValueError(f"mode must be 'functions' or 'bulk', got {mode!r}")
+    if bulk_lots not in ("set", "trigger"):
+        raise ValueError(f"bulk_lots must be 'set' or 'trigger', got {bulk_lots!r}")
     if not 0.0 <= fault_rate <= 1.0:
         raise ValueError(f"fault rate must be between 0 and 1, got {fault_rate}")
     params = _params(config, seed=seed, lo=lo, hi=hi, fault_rate=fault_rate, anchor=anchor, bulk=mode == "bulk")
@@ -747,8 +912,10 @@ def seed_range(conn: psycopg.Connection, config: CreditsConfig, *, lo: int, hi: 
                 if calls != written:
                     raise CreditError(f"seed stage {stage}: {calls - written} of {calls} ledger calls were "
                                       "answered as duplicates; the plan repeats a key")
+        elif bulk_lots == "trigger":
+            cur.execute(_APPLY_BULK_TRIGGER)
         else:
-            cur.execute(_APPLY_BULK)
+            _apply_bulk(conn, cur)
         cur.execute(_DRIFT)
         for stmt in _LIFECYCLE:
             cur.execute(stmt, params)
@@ -832,7 +999,7 @@ def _dbname(url: str) -> str:
 
 
 def seed(url: str, config: CreditsConfig, *, users: int, fault_rate: float = 0.05, seed: int = 42,
-         now: datetime | None = None, mode: str = "functions") -> SeedManifest:
+         now: datetime | None = None, mode: str = "functions", bulk_lots: str = "set") -> SeedManifest:
     """Write a demo population of ``users`` users into the (migrated, user-less) database at ``url``.
 
     ``fault_rate`` is the share of users drawn with a planted fault (besides one forced user per fault
@@ -858,7 +1025,7 @@ def seed(url: str, config: CreditsConfig, *, users: int, fault_rate: float = 0.0
                 raise SeedRefused(f"{describe(conn)} already holds {existing} user(s) ({what}); seed an empty "
                                   "database" + ("" if foreign else " or reset it first (`credits seed --reset`)"))
             counts = seed_range(conn, config, lo=1, hi=users, fault_rate=fault_rate, seed=seed, anchor=anchor,
-                                mode=mode)
+                                mode=mode, bulk_lots=bulk_lots)
             conn.execute("""INSERT INTO public.demo_seed_runs (users, fault_rate, seed, anchor, mode)
                             VALUES (%s, %s, %s, %s, %s)""", (users, fault_rate, seed, anchor, mode))
         manifest = read_manifest(conn)

@@ -53,8 +53,9 @@ def _balances_off(url: str) -> int:
                    OR b.lifetime_spent <> coalesce(t.x, 0)""").fetchone()[0]
 
 
-def test_audit_finds_what_was_planted_and_fixes_what_is_fixable(db_url: str, config: CreditsConfig) -> None:
-    manifest = seed(db_url, config, users=800, fault_rate=0.06, seed=11)
+@pytest.mark.parametrize("mode", ["functions", "bulk"])  # bulk: how the scale benchmark's population is written
+def test_audit_finds_what_was_planted_and_fixes_what_is_fixable(db_url: str, config: CreditsConfig, mode: str) -> None:
+    manifest = seed(db_url, config, users=800, fault_rate=0.06, seed=11, mode=mode)
     report = run_audit(db_url, config)
     assert report.status == "CRITICAL"
 
