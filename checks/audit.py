@@ -5,6 +5,7 @@ The CLI (`credits audit`) and the Dagster job call these functions; no rule logi
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -124,14 +125,20 @@ def evaluate_rules(snapshot: "Snapshot", config: "CreditsConfig", rules: Iterabl
     if state is None:
         state = user_state(snapshot, config)
     results = {}
-    for rid in chosen:
-        res = RULES[rid].evaluate(state, snapshot, config)
-        if res.errors:
-            raise RuleFailed(f"rule {rid} could not validate: {'; '.join(res.errors)}")
-        results[rid] = res
-        res.outcome = None  # the row positions are in the findings now; keep only the bounded summary
-        release_memory()  # each rule's temporaries go back before the next rule allocates its own
-        log.debug("rule %s: %d checked, %d findings in %.2fs", rid, res.checked, len(res.findings), res.seconds)
+    # what exists before the rules (modules, GE's objects, the state) outlives them: frozen, the collection
+    # after each rule walks only that rule's objects (1M users: 11 full collections cost 2.0 s, 0.18 s each)
+    gc.freeze()
+    try:
+        for rid in chosen:
+            res = RULES[rid].evaluate(state, snapshot, config)
+            if res.errors:
+                raise RuleFailed(f"rule {rid} could not validate: {'; '.join(res.errors)}")
+            results[rid] = res
+            res.outcome = None  # the row positions are in the findings now; keep only the bounded summary
+            release_memory()  # each rule's temporaries go back before the next rule allocates its own
+            log.debug("rule %s: %d checked, %d findings in %.2fs", rid, res.checked, len(res.findings), res.seconds)
+    finally:
+        gc.unfreeze()
     return results, state
 
 
@@ -143,6 +150,7 @@ def run_audit(url: str, config: "CreditsConfig", *, rules: Iterable[str] | None 
     ``users`` (emails or ids) restricts the audit to those users' rows: the same rules on a smaller
     snapshot (what `credits diagnose` and `credits audit --user` use).
     """
+    from checks.lifecycle_frames import FRAMES as LIFECYCLE_FRAMES
     from checks.snapshot import take_snapshot, user_filter_for
 
     chosen = select_rules(rules)
@@ -151,7 +159,9 @@ def run_audit(url: str, config: "CreditsConfig", *, rules: Iterable[str] | None 
     own_snapshot = snapshot is None
     if snapshot is None:
         flt = user_filter_for(url, users) if users is not None else None
-        snapshot = take_snapshot(url, as_of=as_of, progress=progress, users=flt)
+        # the lifecycle frames (mostly server work) are read while the user state is built
+        snapshot = take_snapshot(url, as_of=as_of, progress=progress, users=flt,
+                                 background=LIFECYCLE_FRAMES if flt is None else ())
     timings["snapshot"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     from checks.state import release_memory, user_state
@@ -163,6 +173,10 @@ def run_audit(url: str, config: "CreditsConfig", *, rules: Iterable[str] | None 
     t2 = time.perf_counter()
     results, _ = evaluate_rules(snapshot, config, chosen, state)
     timings["rules"] = time.perf_counter() - t2
+    if own_snapshot:
+        snapshot.wait()
+        # read during the state and the rules: their own seconds, not on top of the snapshot's
+        timings["snapshot_background"] = sum(snapshot.timings.get(n, 0.0) for n in LIFECYCLE_FRAMES)
     for rid, res in results.items():
         timings[f"rule:{rid}"] = res.seconds
     findings = [f for res in results.values() for f in res.findings]

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -276,12 +276,23 @@ class Snapshot:
     as_of: datetime | None
     frames: dict[str, "pd.DataFrame"] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # frames still being read in the background (take_snapshot(background=...)): (frame, seconds)
+    pending: dict[str, "Future[tuple[pd.DataFrame, float]]"] = field(default_factory=dict)
 
     def table(self, name: str) -> "pd.DataFrame":
+        if name not in self.frames and name in self.pending:
+            frame, seconds = self.pending.pop(name).result()  # waits; a read error is raised here
+            self.frames[name] = frame
+            self.timings[name] = seconds
         try:
             return self.frames[name]
         except KeyError:
             raise KeyError(f"snapshot has no frame {name!r} (has: {', '.join(self.frames)})") from None
+
+    def wait(self) -> None:
+        """Every background frame read (or its error raised)."""
+        for name in list(self.pending):
+            self.table(name)
 
     @property
     def cutoff(self) -> datetime:
@@ -289,6 +300,7 @@ class Snapshot:
         return self.as_of or self.taken_at
 
     def counts(self) -> dict[str, int]:
+        self.wait()
         return {name: len(frame) for name, frame in self.frames.items()}
 
 
@@ -302,6 +314,27 @@ _ARROW_TYPES = {"str": "string", "int64": "int64", "Int64": "int64", "bool": "bo
 LEDGER_PARTS: tuple[str, ...] = ("p.user_id < '80000000-0000-0000-0000-000000000000'::uuid",
                                  "p.user_id >= '80000000-0000-0000-0000-000000000000'::uuid")
 _LEDGER_ANCHOR = "WHERE p.created_at <= %(as_of)s"
+
+# The identity read (users, mapping, subscription: a million rows, most of it parsing on the client) in
+# two halves by BestAuth id, one per connection, each joining only its half of the three tables: the
+# other connection would otherwise wait idle once the ledger halves and the small frames are read.
+_HALF = "'80000000-0000-0000-0000-000000000000'::uuid"
+IDENTITY_PARTS: tuple[str, ...] = (f"< {_HALF}", f">= {_HALF}")
+_IDENTITY_ANCHORS = ("FROM public.bestauth_users u", "ON m.bestauth_user_id = u.id", "ON s.user_id = u.id")
+
+
+def _with_part(name: str, query: str, part: str) -> str:
+    """The frame's query restricted to one part of the users (LEDGER_PARTS, IDENTITY_PARTS)."""
+    if name == "ledger_by_user":
+        return query.replace(_LEDGER_ANCHOR, f"{_LEDGER_ANCHOR} AND {part}")  # the chain and the tokens
+    _, mapping, subs = _IDENTITY_ANCHORS
+    for anchor in _IDENTITY_ANCHORS:
+        assert anchor in query, anchor
+    return (query.replace(mapping, f"{mapping} AND m.bestauth_user_id {part}")
+            .replace(subs, f"{subs} AND s.user_id {part}") + f" WHERE u.id {part}")
+
+
+_PARTS: dict[str, tuple[str, ...]] = {"ledger_by_user": LEDGER_PARTS, "identity": IDENTITY_PARTS}
 
 
 PERIOD_GRANT_COLUMNS = ("user_id", "subscription_id", "period_date", "grants", "granted", "reversals", "reversed",
@@ -474,8 +507,7 @@ def _read_frame(conn: psycopg.Connection, name: str, params: dict[str, Any],
     if "bids" in params:
         query = _filtered(name)
     if part is not None:
-        query = query.replace(_LEDGER_ANCHOR, f"{_LEDGER_ANCHOR} AND {part}")  # the chain and the tokens
-        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")  # the halves already use both cores
+        query = _with_part(name, query, part)
     types = {c: getattr(pa, _ARROW_TYPES[t])() for c, t in dtypes.items()}
     types |= {c: pa.timestamp("us", tz="UTC") for c in dates}
     convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, true_values=["t"],
@@ -487,8 +519,6 @@ def _read_frame(conn: psycopg.Connection, name: str, params: dict[str, Any],
             reader = pacsv.open_csv(io.BufferedReader(_CopyStream(copy), buffer_size=1 << 20),
                                     read_options=pacsv.ReadOptions(block_size=4 << 20), convert_options=convert)
             table = reader.read_all()
-    if part is not None:
-        conn.execute("RESET max_parallel_workers_per_gather")
     frame = table.to_pandas()
     for col, typ in dtypes.items():
         if typ in ("int64", "Int64") and frame[col].dtype != typ:
@@ -505,16 +535,26 @@ def _begin(conn: psycopg.Connection, snapshot_id: str | None = None) -> None:
     if snapshot_id is not None:  # must come before any query of the transaction
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
     conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(WORK_MEM)))
+    # the snapshot already reads on `workers` connections at once (one per core here): a parallel plan's
+    # extra processes only compete with them (lots_by_user's parallel scan of the ledger took 3x its
+    # serial CPU for 1.5x less wall, while the other connection's ledger pass waited)
+    conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
 
 
 def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[str] | None = None,
                   progress: Progress | None = None, workers: int = 2,
-                  users: "UserFilter | None" = None) -> Snapshot:
+                  users: "UserFilter | None" = None, background: Iterable[str] = ()) -> Snapshot:
     """Read the named frames (default: all of SNAPSHOT_TABLES) as of one database moment.
 
     ``as_of`` cuts the ledger and the failure window at that instant (rows created after it are not
     seen); the other tables hold no history and are read as they are now. ``users`` restricts every
     frame to those users' rows (same queries, one more condition).
+
+    ``background`` names frames that need not be there when this returns: one of the connections reads
+    them (same transaction, so the same moment) once the others are read, while the caller goes on, and
+    ``Snapshot.table`` waits for them. The audit reads the lifecycle rules' frames this way: they are
+    mostly server work (lots_by_user sums every draw per lot), which then runs while the client builds
+    the user state on the other core instead of before it.
     """
     names = list(SNAPSHOT_TABLES if tables is None else tables)
     unknown = [n for n in names if n not in _QUERIES and n != "period_grants"]
@@ -526,9 +566,12 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
     wanted = set(names) | ({"ledger_by_user"} if "period_grants" in names else set())
     if users is None and wanted & set(_IDENTITY_FRAMES):
         wanted = (wanted - set(_IDENTITY_FRAMES)) | {"identity"}
-    ordered = [n for n in _ORDER if n in wanted and n in _QUERIES]
+    later = {n for n in background if n in names and n in _QUERIES and n not in (*_IDENTITY_FRAMES, "ledger_by_user")}
+    ordered = [n for n in _ORDER if n in wanted and n in _QUERIES and n not in later]
+    ordered += [n for n in _ORDER if n in later]  # the queue runs in this order: the background ones last
     main = db.connect(url, autocommit=True)
-    others: list[psycopg.Connection] = []
+    conns: list[psycopg.Connection] = [main]
+    started = 0  # connections handed to a worker thread (which closes it)
     try:
         _begin(main)
         snap_id, taken_at = main.execute("SELECT pg_export_snapshot(), now()").fetchone()
@@ -540,12 +583,10 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
             params["uids"] = sorted(users.points_ids | users.bestauth_ids)
 
         n_workers = max(1, min(workers if users is None else 1, len(ordered)))
-        conns = [main]
         for _ in range(n_workers - 1):
             extra = db.connect(url, autocommit=True)
-            others.append(extra)
-            _begin(extra, snap_id)
             conns.append(extra)
+            _begin(extra, snap_id)
         snapshot = Snapshot(taken_at=taken_at, as_of=as_of)
 
         # each worker thread owns one connection and pulls (frame, part) tasks from a shared queue
@@ -556,35 +597,99 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         todo: queue.SimpleQueue[tuple[str, int, str | None]] = queue.SimpleQueue()
         n_parts: dict[str, int] = {}
         for n in ordered:
-            parts: tuple[str | None, ...] = LEDGER_PARTS if (n == "ledger_by_user" and users is None) else (None,)
+            if n in later:
+                continue
+            parts: tuple[str | None, ...] = _PARTS.get(n, (None,)) if users is None else (None,)
             n_parts[n] = len(parts)
             for i, part in enumerate(parts):
                 todo.put((n, i, part))
+        # the background frames: on one connection, once the others are read (measured at 1M users: 33 s
+        # for the audit against 38 s when they start as soon as a connection is free, and 37 s on both
+        # connections: then they slow down the reads the caller waits for, rather than take the core its
+        # single-threaded work leaves free)
+        for n in ordered:
+            if n in later:
+                n_parts[n] = 1
+        later_todo = [(n, 0, None) for n in ordered if n in later]
         lock = threading.Lock()
+        results: list[tuple[str, int, Any, float]] = []
+        errors: list[BaseException] = []
+        core_left = [sum(n_parts[n] for n in ordered if n not in later)]
+        core_done = threading.Event()
+        futures: dict[str, Future[tuple[Any, float]]] = {n: Future() for n in later}
+        if not core_left[0]:
+            core_done.set()
 
-        def work(conn: psycopg.Connection) -> list[tuple[str, int, Any, float]]:
-            done = []
-            while True:
+        def work(conn: psycopg.Connection, first: bool) -> None:
+            tail = iter(later_todo if first else ())
+            try:
+                while not errors:
+                    try:
+                        name, i, part = todo.get_nowait()
+                    except queue.Empty:
+                        task = next(tail, None)
+                        if task is None:
+                            return
+                        core_done.wait()
+                        if errors:
+                            return
+                        name, i, part = task
+                    t0 = time.perf_counter()
+                    try:
+                        frame = _read_frame(conn, name, params, part)
+                    except BaseException as exc:  # noqa: BLE001 -- handed to whoever waits for it
+                        if isinstance(exc, psycopg.OperationalError):
+                            from ledger.errors import DatabaseUnavailable
+                            exc = DatabaseUnavailable(f"snapshot read failed on {db.describe_url(url)}: {exc}")
+                        if name in futures:
+                            futures[name].set_exception(exc)
+                            continue
+                        with lock:
+                            errors.append(exc)
+                        core_done.set()
+                        return
+                    elapsed = time.perf_counter() - t0
+                    log.debug("snapshot frame %s[%d]: %d rows in %.2fs", name, i, len(frame), elapsed)
+                    if name in futures:
+                        futures[name].set_result((frame, elapsed))
+                        if progress:
+                            progress(name, len(frame), elapsed)
+                        continue
+                    with lock:
+                        results.append((name, i, frame, elapsed))
+                        n_parts[name] -= 1
+                        last = n_parts[name] == 0
+                        core_left[0] -= 1
+                        if core_left[0] == 0:
+                            core_done.set()
+                    if progress and last:
+                        for shown in (_IDENTITY_FRAMES if name == "identity" else (name,)):
+                            progress(shown, len(frame), elapsed)
+            finally:
+                for name, fut in futures.items():  # a worker stopped by an error: nobody reads the rest
+                    if errors and not fut.done():
+                        fut.set_exception(errors[0])
                 try:
-                    name, i, part = todo.get_nowait()
-                except queue.Empty:
-                    return done
-                t0 = time.perf_counter()
-                frame = _read_frame(conn, name, params, part)
-                elapsed = time.perf_counter() - t0
-                done.append((name, i, frame, elapsed))
-                log.debug("snapshot frame %s[%d]: %d rows in %.2fs", name, i, len(frame), elapsed)
-                with lock:
-                    n_parts[name] -= 1
-                    last = n_parts[name] == 0
-                if progress and last:
-                    for shown in (_IDENTITY_FRAMES if name == "identity" else (name,)):
-                        progress(shown, len(frame), elapsed)
+                    conn.execute("ROLLBACK")
+                except psycopg.Error:
+                    pass
+                conn.close()
 
-        with ThreadPoolExecutor(max_workers=len(conns), thread_name_prefix="snapshot") as pool:
-            results = [item for done in pool.map(work, conns) for item in done]
+        threads = [threading.Thread(target=work, args=(c, k == 0), name=f"snapshot-{k}", daemon=True)
+                   for k, c in enumerate(conns)]
+        for t in threads:
+            t.start()
+            started += 1
+        core_done.wait()
+        if errors:
+            for t in threads:
+                t.join()
+            raise errors[0]
+        snapshot.pending = {n: futures[n] for n in ordered if n in later}
         pieces: dict[str, list[tuple[int, Any]]] = {}
-        for name, i, frame, elapsed in results:
+        with lock:
+            done_reads = list(results)
+        for name, i, frame, elapsed in done_reads:
             pieces.setdefault(name, []).append((i, frame))
             snapshot.timings[name] = snapshot.timings.get(name, 0.0) + elapsed
         for name, parts_read in pieces.items():
@@ -607,7 +712,7 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
                     progress("period_grants", len(snapshot.frames["period_grants"]), snapshot.timings["period_grants"])
             snapshot.frames["ledger_by_user"] = ledger.drop(columns=["grant_tokens"])
             del ledger
-        snapshot.frames = {n: snapshot.frames[n] for n in names}
+        snapshot.frames = {n: snapshot.frames[n] for n in names if n not in later}
         snapshot.timings = {n: t for n, t in snapshot.timings.items() if n in names}
         from checks.state import release_memory
 
@@ -617,7 +722,7 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         from ledger.errors import DatabaseUnavailable
         raise DatabaseUnavailable(f"snapshot read failed on {db.describe_url(url)}: {exc}") from None
     finally:
-        for c in [*others, main]:
+        for c in conns[started:]:  # the workers close their own
             try:
                 c.execute("ROLLBACK")
             except psycopg.Error:

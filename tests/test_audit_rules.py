@@ -62,6 +62,23 @@ def test_snapshot_is_consistent_and_aggregated(db_url, conn, config):
     assert past.table("ledger_by_user").empty and past.as_of is not None
 
 
+def test_background_frames_are_read_as_of_the_snapshot(db_url, conn, config):
+    """Frames read in the background (the audit's lifecycle frames, while it builds the state) see the
+    snapshot's moment, not the writes committed after take_snapshot returned."""
+    a = paid_user(conn, spend=300)
+    later = ("lots_by_user", "refunds", "plan_change_grants")
+    inline = take_snapshot(db_url)
+    snap = take_snapshot(db_url, background=later)
+    assert set(snap.pending) == set(later) and not set(later) & set(snap.frames)
+    conn.execute("SELECT * FROM public.add_points(%s, 40, 'adjustment', 'after the snapshot', %s)",
+                 (a["pid"], f"bg-test:{uuid.uuid4()}"))
+    for name in later:
+        assert snap.table(name).equals(inline.table(name)), name
+    assert not snap.pending and list(snap.counts()) == list(inline.counts())
+    lots = snap.table("lots_by_user").set_index("user_id").loc[str(a["pid"])]
+    assert (lots["lots"], lots["lots_remaining"]) == (1, 500)
+
+
 def test_paid_users_funded(db_url, conn, config):
     spent_all = paid_user(conn, spend=800)                       # healthy: spent every credit
     renewed = paid_user(conn, prev_periods=2, spend=100)         # healthy: renewals, current granted
