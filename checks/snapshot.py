@@ -112,13 +112,13 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
     # Every grant (and every audit reversal of a duplicate) comes as a token
     # "subscription|period|id|amount|canonical|kind|reversed id", from which period_grants is built
     # client-side (_period_grants); the tokens are read from the grant and fix rows only (the partial
-    # (transaction_type, created_at) index of sql/014) and joined per user. A row belongs to the period its
+    # (transaction_type, created_at) index of sql/014), one string per user (grant_tokens). A row belongs to the period its
     # key names (subscription_grant:<sub>:<date>), else to the one its metadata names (subscription_id +
     # period_start: a webhook retry under another key); rows naming neither get an empty subscription and
     # period. Separators are stripped from the key parts.
     "ledger_by_user": (
         """SELECT c.user_id::text AS user_id, c.ledger_rows, c.ledger_sum, c.ledger_earned, c.ledger_spent, c.chain_breaks,
-                  c.first_break_id, c.last_balance_after, c.last_transaction_id, g.grant_tokens
+                  c.first_break_id, c.last_balance_after, c.last_transaction_id
              FROM (SELECT t.user_id, count(*) AS ledger_rows, sum(t.amount) AS ledger_sum,
                           coalesce(sum(t.amount) FILTER (WHERE t.amount > 0), 0) AS ledger_earned,
                           coalesce(-sum(t.amount) FILTER (WHERE t.amount < 0), 0) AS ledger_spent,
@@ -131,38 +131,42 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
                              FROM public.points_transactions p
                             WHERE p.created_at <= %(as_of)s
                            WINDOW w AS (PARTITION BY p.user_id ORDER BY p.id)) t
-                    GROUP BY t.user_id) c
-             LEFT JOIN (
-                   SELECT p.user_id,
-                          string_agg(coalesce(g.sub, '') || '|' || coalesce(g.per, '') || '|' || p.id::text || '|'
-                                     || p.amount::text || '|'
-                                     || CASE WHEN p.idempotency_key = 'subscription_grant:' || g.sub || ':' || g.per
-                                             THEN '1' ELSE '0' END
-                                     || '|' || k.kind || '|'
-                                     || CASE WHEN k.kind = 'r' AND p.metadata ->> 'reverses_transaction_id' ~ '^[0-9]{1,19}$'
-                                             THEN p.metadata ->> 'reverses_transaction_id' ELSE '' END, ' ' ORDER BY p.id)
-                              AS grant_tokens
-                     FROM public.points_transactions p
-                    CROSS JOIN LATERAL (
-                          SELECT CASE WHEN p.transaction_type = 'subscription_grant' THEN 'g'
-                                      WHEN p.transaction_type = 'reconciliation_fix'
-                                           AND p.metadata ? 'reverses_transaction_id' THEN 'r' END AS kind) k
-                    CROSS JOIN LATERAL (
-                          SELECT CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
-                                      THEN translate(lower(split_part(p.idempotency_key, ':', 2)), ' |', '')
-                                      WHEN p.metadata ->> 'subscription_id' ~* %(uuid)s
-                                      THEN lower(p.metadata ->> 'subscription_id') END AS sub,
-                                 CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
-                                      THEN translate(split_part(p.idempotency_key, ':', 3), ' |', '')
-                                      WHEN p.metadata ->> 'period_start' ~ %(iso)s
-                                      THEN to_char((p.metadata ->> 'period_start')::timestamptz
-                                                   AT TIME ZONE 'UTC', 'YYYY-MM-DD') END AS per) g
-                    WHERE p.created_at <= %(as_of)s
-                      AND p.transaction_type IN ('subscription_grant', 'reconciliation_fix') AND k.kind IS NOT NULL
-                    GROUP BY p.user_id) g ON g.user_id = c.user_id""",
+                    GROUP BY t.user_id) c""",
         {"user_id": "str", "ledger_rows": "int64", "ledger_sum": "int64", "ledger_earned": "int64",
          "ledger_spent": "int64", "chain_breaks": "int64", "first_break_id": "Int64",
-         "last_balance_after": "int64", "last_transaction_id": "int64", "grant_tokens": "str"}, [],
+         "last_balance_after": "int64", "last_transaction_id": "int64"}, [],
+    ),
+    # the grant tokens above, read on their own: once, not once per half of the ledger pass (each half
+    # read every grant row's page and kept its half)
+    "grant_tokens": (
+        """SELECT p.user_id::text AS user_id,
+               string_agg(coalesce(g.sub, '') || '|' || coalesce(g.per, '') || '|' || p.id::text || '|'
+                          || p.amount::text || '|'
+                          || CASE WHEN p.idempotency_key = 'subscription_grant:' || g.sub || ':' || g.per
+                                  THEN '1' ELSE '0' END
+                          || '|' || k.kind || '|'
+                          || CASE WHEN k.kind = 'r' AND p.metadata ->> 'reverses_transaction_id' ~ '^[0-9]{1,19}$'
+                                  THEN p.metadata ->> 'reverses_transaction_id' ELSE '' END, ' ' ORDER BY p.id)
+                   AS grant_tokens
+          FROM public.points_transactions p
+         CROSS JOIN LATERAL (
+               SELECT CASE WHEN p.transaction_type = 'subscription_grant' THEN 'g'
+                           WHEN p.transaction_type = 'reconciliation_fix'
+                                AND p.metadata ? 'reverses_transaction_id' THEN 'r' END AS kind) k
+         CROSS JOIN LATERAL (
+               SELECT CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
+                           THEN translate(lower(split_part(p.idempotency_key, ':', 2)), ' |', '')
+                           WHEN p.metadata ->> 'subscription_id' ~* %(uuid)s
+                           THEN lower(p.metadata ->> 'subscription_id') END AS sub,
+                      CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
+                           THEN translate(split_part(p.idempotency_key, ':', 3), ' |', '')
+                           WHEN p.metadata ->> 'period_start' ~ %(iso)s
+                           THEN to_char((p.metadata ->> 'period_start')::timestamptz
+                                        AT TIME ZONE 'UTC', 'YYYY-MM-DD') END AS per) g
+         WHERE p.created_at <= %(as_of)s
+           AND p.transaction_type IN ('subscription_grant', 'reconciliation_fix') AND k.kind IS NOT NULL
+         GROUP BY p.user_id""",
+        {"user_id": "str", "grant_tokens": "str"}, [],
     ),
     "failed_deductions": (
         """SELECT f.user_id::text AS user_id, count(*) AS failures_last_hour, sum(f.amount) AS failed_amount,
@@ -186,6 +190,7 @@ _FILTERS: dict[str, str] = {
     "subscriptions": "s.user_id = ANY(%(bids)s::uuid[])",
     "points_balances": "b.user_id = ANY(%(uids)s::uuid[])",
     "ledger_by_user": "p.user_id = ANY(%(uids)s::uuid[])",
+    "grant_tokens": "p.user_id = ANY(%(uids)s::uuid[])",
     "failed_deductions": "f.user_id = ANY(%(uids)s::uuid[])",
 }
 _WHERE_ANCHORS: dict[str, tuple[str, str]] = {  # where the filter goes: (text to find, 'after'|'where')
@@ -194,6 +199,7 @@ _WHERE_ANCHORS: dict[str, tuple[str, str]] = {  # where the filter goes: (text t
     "subscriptions": ("FROM public.subscriptions_consolidated s", "where"),
     "points_balances": ("FROM public.points_balances b", "where"),
     "ledger_by_user": ("WHERE p.created_at <= %(as_of)s", "and"),
+    "grant_tokens": ("WHERE p.created_at <= %(as_of)s", "and"),
     "failed_deductions": ("AND f.created_at <= %(ref)s", "and"),
 }
 
@@ -205,10 +211,10 @@ def _filtered(name: str) -> str:
     anchor, how = _WHERE_ANCHORS[name]
     assert anchor in query, name
     extra = f" WHERE {_FILTERS[name]}" if how == "where" else f" AND {_FILTERS[name]}"
-    return query.replace(anchor, anchor + extra)  # every occurrence: the ledger pass reads the table twice
+    return query.replace(anchor, anchor + extra)
 
 # the two heavy reads go first, one per server core; the light ones follow on whichever finishes first
-_ORDER = ("ledger_by_user", "period_grants", "lots_by_user", "identity", "subscriptions", "bestauth_users", "user_id_mapping",
+_ORDER = ("ledger_by_user", "grant_tokens", "lots_by_user", "identity", "subscriptions", "bestauth_users", "user_id_mapping",
           "points_balances", "failed_deductions", "refunds", "plan_change_grants")
 
 Progress = Callable[[str, int, float], None]  # (frame name, rows, seconds)
@@ -326,7 +332,7 @@ _IDENTITY_ANCHORS = ("FROM public.bestauth_users u", "ON m.bestauth_user_id = u.
 def _with_part(name: str, query: str, part: str) -> str:
     """The frame's query restricted to one part of the users (LEDGER_PARTS, IDENTITY_PARTS)."""
     if name == "ledger_by_user":
-        return query.replace(_LEDGER_ANCHOR, f"{_LEDGER_ANCHOR} AND {part}")  # the chain and the tokens
+        return query.replace(_LEDGER_ANCHOR, f"{_LEDGER_ANCHOR} AND {part}")
     _, mapping, subs = _IDENTITY_ANCHORS
     for anchor in _IDENTITY_ANCHORS:
         assert anchor in query, anchor
@@ -345,7 +351,8 @@ _GRANT_CHUNK = 50_000  # users per slice: a period belongs to one points id, so 
 
 
 def _period_grants(ledger: "pd.DataFrame") -> "pd.DataFrame":
-    """period_grants from the ledger pass, a slice of users at a time (bounded memory)."""
+    """period_grants from the grant_tokens read (user_id, grant_tokens), a slice of users at a time
+    (bounded memory)."""
     import pandas as pd
 
     if len(ledger) <= _GRANT_CHUNK:
@@ -355,7 +362,7 @@ def _period_grants(ledger: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def _period_grants_slice(ledger: "pd.DataFrame") -> "pd.DataFrame":
-    """Grants (and audit reversals) per (points id, subscription, period), from the ledger pass's tokens.
+    """Grants (and audit reversals) per (points id, subscription, period), from the grant_tokens read.
 
     grants/granted: count and credits of subscription_grant rows; reversals/reversed: the audit's
     reversal rows and the credits they took back; canonical: a row under the period's own key.
@@ -562,11 +569,12 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         raise InvalidArgument(f"unknown snapshot frame(s): {', '.join(unknown)} (known: {', '.join(SNAPSHOT_TABLES)})")
     if as_of is not None and as_of.tzinfo is None:
         raise InvalidArgument("as_of must be timezone-aware")
-    # period_grants comes out of the ledger pass (its grant tokens), so asking for it reads the ledger
-    wanted = set(names) | ({"ledger_by_user"} if "period_grants" in names else set())
+    # period_grants is built from the grant and fix rows' tokens (grant_tokens)
+    wanted = set(names) | ({"grant_tokens"} if "period_grants" in names else set())
     if users is None and wanted & set(_IDENTITY_FRAMES):
         wanted = (wanted - set(_IDENTITY_FRAMES)) | {"identity"}
-    later = {n for n in background if n in names and n in _QUERIES and n not in (*_IDENTITY_FRAMES, "ledger_by_user")}
+    later = {n for n in background if n in names and n in _QUERIES
+             and n not in (*_IDENTITY_FRAMES, "ledger_by_user", "grant_tokens")}
     ordered = [n for n in _ORDER if n in wanted and n in _QUERIES and n not in later]
     ordered += [n for n in _ORDER if n in later]  # the queue runs in this order: the background ones last
     main = db.connect(url, autocommit=True)
@@ -702,16 +710,16 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
             from checks.state import release_memory
 
             release_memory()  # the joined read is gone: hand its memory back before the grants are built
-        if "ledger_by_user" in snapshot.frames:
+        if "grant_tokens" in snapshot.frames:
             t0 = time.perf_counter()
-            ledger = snapshot.frames["ledger_by_user"]
+            tokens = snapshot.frames.pop("grant_tokens")
             if "period_grants" in names:
-                snapshot.frames["period_grants"] = _period_grants(ledger)
-                snapshot.timings["period_grants"] = time.perf_counter() - t0
+                snapshot.frames["period_grants"] = _period_grants(tokens)
+                # the tokens' read and what is built from them
+                snapshot.timings["period_grants"] = time.perf_counter() - t0 + snapshot.timings.get("grant_tokens", 0.0)
                 if progress:
                     progress("period_grants", len(snapshot.frames["period_grants"]), snapshot.timings["period_grants"])
-            snapshot.frames["ledger_by_user"] = ledger.drop(columns=["grant_tokens"])
-            del ledger
+            del tokens
         snapshot.frames = {n: snapshot.frames[n] for n in names if n not in later}
         snapshot.timings = {n: t for n, t in snapshot.timings.items() if n in names}
         from checks.state import release_memory
