@@ -409,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--database", help="audit this existing bench database (e.g. one written by an older seed "
                                       "format; it is migrated first) instead of the one named by the seed format")
     p.add_argument("--regenerate", action="store_true", help="rebuild the bench database even if it matches")
+    p.add_argument("--no-migrate", action="store_true",
+                   help="audit a reused database as it is (skip migrations added to sql/ since it was written, "
+                        "e.g. one still being written in the shared tree)")
     p.add_argument("--drop", action="store_true", help="drop the bench database at the end")
     p.add_argument("--child-audit", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--flags-file", help=argparse.SUPPRESS)
@@ -425,11 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         gen = generate(admin, url, args, config)
     else:
         log(f"reusing {db.describe_url(url)} ({args.users:,} users)")
+        applied = []
         with db.connect(url, autocommit=True) as c:  # migrations added since it was written (e.g. 011's lots)
             t0 = time.perf_counter()
-            applied = migrate(c, config)
+            applied = [] if args.no_migrate else migrate(c, config)
             if applied:
                 log(f"  applied {', '.join(applied)} in {time.perf_counter() - t0:.1f} s")
+            gen["migrations"] = [r[0] for r in c.execute("SELECT name FROM public.schema_migrations ORDER BY version")]
         if applied:
             with db.connect(url, autocommit=True) as c:
                 c.execute("VACUUM ANALYZE")
