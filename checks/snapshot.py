@@ -695,14 +695,17 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
             raise errors[0]
         snapshot.pending = {n: futures[n] for n in ordered if n in later}
         pieces: dict[str, list[tuple[int, Any]]] = {}
-        with lock:
+        with lock:  # the worker threads outlive this call (background reads): keep no frame of theirs alive
             done_reads = list(results)
-        for name, i, frame, elapsed in done_reads:
-            pieces.setdefault(name, []).append((i, frame))
+            results.clear()
+        for name, i, piece, elapsed in done_reads:
+            pieces.setdefault(name, []).append((i, piece))
             snapshot.timings[name] = snapshot.timings.get(name, 0.0) + elapsed
-        for name, parts_read in pieces.items():
-            frames = [f for _, f in sorted(parts_read, key=lambda x: x[0])]
+        piece = done_reads = None  # the pieces are referenced from `pieces` only
+        for name in list(pieces):
+            frames = [f for _, f in sorted(pieces.pop(name), key=lambda x: x[0])]
             snapshot.frames[name] = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+            del frames  # the halves, once concatenated
         if "identity" in snapshot.frames:
             for frame_name, frame in _split_identity(snapshot.frames.pop("identity")).items():
                 snapshot.frames[frame_name] = frame
