@@ -51,7 +51,22 @@ def _snapshot(conn: psycopg.Connection, users: list[uuid.UUID]) -> tuple[Any, An
         """SELECT user_id, amount, balance_after, transaction_type, description,
                   CASE WHEN idempotency_key LIKE 'auto:%%' THEN 'auto:' ELSE idempotency_key END, metadata
              FROM public.points_transactions WHERE user_id = ANY(%s) ORDER BY id""", (users,)).fetchall()
-    return balances, rows
+    if not _has_lots(conn):
+        return balances, rows
+    # what each lot holds, and what each ledger row drew from which lot (sql/011+: itemised on the row
+    # or in points_lot_consumptions, whichever the writer chose -- the view shows both the same way)
+    lots = conn.execute("SELECT id, remaining FROM public.points_lots WHERE user_id = ANY(%s) ORDER BY id",
+                        (users,)).fetchall()
+    draws = conn.execute(
+        """SELECT CASE WHEN t.idempotency_key LIKE 'auto:%%' THEN 'auto:' ELSE t.idempotency_key END,
+                  d.lot_id, d.amount
+             FROM public.points_lot_draws d JOIN public.points_transactions t ON t.id = d.transaction_id
+            WHERE t.user_id = ANY(%s) ORDER BY t.id, d.lot_id NULLS LAST, d.amount""", (users,)).fetchall()
+    return balances, rows, lots, draws
+
+
+def _has_lots(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT to_regclass('public.points_lots') IS NOT NULL").fetchone()[0]
 
 
 def _call(conn: psycopg.Connection, fn: str, args: tuple, prior: tuple | None,
@@ -88,6 +103,14 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
         conn.execute("SELECT * FROM public.add_points(%s, %s, 'adjustment', 'seed', %s)",
                      (users[name], amount, f"seed:{name}:{uuid.uuid4()}"))
     _reserve(conn, users["reserved"], 60)
+    if _has_lots(conn):
+        # several small lots in a consumption order that is not the grant order (priority, then soonest
+        # expiry, then oldest): 10 takes one lot, 40 and 41 cross two or three, 100 is more than all 75
+        users["lots"] = uuid.uuid4()
+        for amount, days, priority in ((20, None, 50), (30, 10, 10), (25, 5, 50)):
+            conn.execute("SELECT * FROM public.add_points(%s, %s, 'adjustment', 'seed', %s, '{}'::jsonb, "
+                         "now() + make_interval(days => %s), %s)",
+                         (users["lots"], amount, f"seed:lots:{uuid.uuid4()}", days, priority))
     conn.execute("SELECT * FROM public.deduct_points_002(%s, 10, 'generation_deduction', 'taken', 'k-taken')",
                  (users["other"],))
     return users
@@ -100,6 +123,8 @@ KEYS = ["new", "retry", "retry_other_amount", "retry_other_type", "taken", None,
 
 def test_fast_path_agrees_with_002_on_every_case(conn: psycopg.Connection, world: dict[str, Any]) -> None:
     states = ["none", "funded", "reserved", "broke", "rich", None]  # rich: covers more than the maximum
+    if "lots" in world:
+        states.append("lots")  # draws crossing lots (sql/017 draws them in deduct_points itself)
     checked = Counter()
     for state, amount, ttype, key in itertools.product(states, AMOUNTS, TYPES, KEYS):
         uid = world[state] if state else None
