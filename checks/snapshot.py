@@ -615,14 +615,11 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         # for the audit against 38 s when they start as soon as a connection is free, and 37 s on both
         # connections: then they slow down the reads the caller waits for, rather than take the core its
         # single-threaded work leaves free)
-        for n in ordered:
-            if n in later:
-                n_parts[n] = 1
         later_todo = [(n, 0, None) for n in ordered if n in later]
         lock = threading.Lock()
         results: list[tuple[str, int, Any, float]] = []
         errors: list[BaseException] = []
-        core_left = [sum(n_parts[n] for n in ordered if n not in later)]
+        core_left = [sum(n_parts.values())]  # reads the caller waits for (n_parts counts only those)
         core_done = threading.Event()
         futures: dict[str, Future[tuple[Any, float]]] = {n: Future() for n in later}
         if not core_left[0]:
