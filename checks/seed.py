@@ -554,24 +554,15 @@ SELECT nextval(%(id_seq)s::regclass) AS id, x.*
           FROM seed_events e ORDER BY e.seq, e.i) x
 """
 
-# every positive row is a lot, with the trigger's terms (metadata.lot; the grant_priority setting)
+# every positive row is a lot, with the trigger's terms (points_lot_terms, sql/017: the same function)
 _BULK_LOTS = """
 CREATE TEMP TABLE seed_lots ON COMMIT DROP AS
 SELECT t.*, sum(t.granted) OVER w AS c_end, row_number() OVER w AS by_order,
        row_number() OVER (PARTITION BY t.user_id ORDER BY t.id) AS by_id
   FROM (SELECT l.id, l.user_id, l.transaction_type AS source_type, l.amount AS granted,
-               coalesce(CASE WHEN jsonb_typeof(l.metadata -> 'lot' -> 'priority') = 'number'
-                             THEN (l.metadata -> 'lot' ->> 'priority')::integer END,
-                        (SELECT s.value::integer FROM public.ledger_settings s WHERE s.name = 'grant_priority'),
-                        50) AS priority,
-               x.expires_at,
-               CASE WHEN x.expires_at IS NOT NULL AND jsonb_typeof(l.metadata -> 'lot' -> 'rollover_cap') = 'number'
-                    THEN (l.metadata -> 'lot' ->> 'rollover_cap')::bigint END AS rollover_cap,
-               CASE WHEN x.expires_at IS NOT NULL AND jsonb_typeof(l.metadata -> 'lot' -> 'rollover_until') = 'string'
-                    THEN (l.metadata -> 'lot' ->> 'rollover_until')::timestamptz END AS rollover_until
+               x.priority, x.expires_at, x.rollover_cap, x.rollover_until
           FROM seed_ledger l
-         CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(l.metadata -> 'lot' -> 'expires_at') = 'string'
-                                         THEN (l.metadata -> 'lot' ->> 'expires_at')::timestamptz END AS expires_at) x
+         CROSS JOIN LATERAL public.points_lot_terms(l.metadata -> 'lot') x
          WHERE l.amount > 0) t
 WINDOW w AS (PARTITION BY t.user_id ORDER BY t.priority, t.expires_at, t.id)
 """

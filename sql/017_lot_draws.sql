@@ -64,7 +64,26 @@ REVOKE EXECUTE ON FUNCTION public.points_lots_check_terms() FROM PUBLIC;
 ALTER TABLE public.points_lots ADD COLUMN spent boolean GENERATED ALWAYS AS (remaining = 0) STORED;
 CREATE INDEX points_lots_open_order_idx ON public.points_lots (user_id, priority, expires_at, id) WHERE NOT spent;
 
--- 011's trigger, the walk over open lots only; everything else as 011 wrote it.
+-- A lot's terms as the lots trigger reads them from a positive row's metadata.lot: one definition for
+-- the trigger and for the seed's set-based bulk load (checks/seed.py), which must write the same lots.
+-- A plain SQL function (not SECURITY DEFINER, no SET) so that the planner inlines it in both.
+CREATE FUNCTION public.points_lot_terms(p_terms jsonb)
+RETURNS TABLE (priority integer, expires_at timestamptz, rollover_cap bigint, rollover_until timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(CASE WHEN jsonb_typeof(p_terms -> 'priority') = 'number'
+                         THEN (p_terms ->> 'priority')::integer END,
+                    (SELECT s.value::integer FROM public.ledger_settings s WHERE s.name = 'grant_priority'), 50),
+           x.expires_at,
+           CASE WHEN x.expires_at IS NOT NULL AND jsonb_typeof(p_terms -> 'rollover_cap') = 'number'
+                THEN (p_terms ->> 'rollover_cap')::bigint END,
+           CASE WHEN x.expires_at IS NOT NULL AND jsonb_typeof(p_terms -> 'rollover_until') = 'string'
+                THEN (p_terms ->> 'rollover_until')::timestamptz END
+      FROM (SELECT CASE WHEN jsonb_typeof(p_terms -> 'expires_at') = 'string'
+                        THEN (p_terms ->> 'expires_at')::timestamptz END AS expires_at) x
+$$;
+
+-- 011's trigger, the walk over open lots only and the terms from points_lot_terms; everything else as
+-- 011 wrote it.
 CREATE OR REPLACE FUNCTION public.points_lots_follow_ledger() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
@@ -78,6 +97,7 @@ DECLARE
     v_ids bigint[] := '{}';
     v_ns bigint[] := '{}';
     d record;
+    t record;
 BEGIN
     IF NEW.amount > 0 THEN
         IF NEW.transaction_type = 'refund' AND jsonb_typeof(NEW.metadata -> 'refund_of') = 'number' THEN
@@ -114,20 +134,12 @@ BEGIN
             v_terms := NULL;
         END IF;
         v_left := coalesce(v_left, NEW.amount);  -- what the new lot holds: all of a grant, a refund's rest
-        v_expires := CASE WHEN jsonb_typeof(v_terms -> 'expires_at') = 'string'
-                          THEN (v_terms ->> 'expires_at')::timestamptz END;
+        SELECT * INTO t FROM public.points_lot_terms(v_terms);
+        v_expires := t.expires_at;
         INSERT INTO public.points_lots (id, user_id, source_type, granted, remaining, priority, expires_at,
                                         rollover_cap, rollover_until, created_at)
-        VALUES (NEW.id, NEW.user_id, NEW.transaction_type, v_left, v_left,
-                coalesce(CASE WHEN jsonb_typeof(v_terms -> 'priority') = 'number'
-                              THEN (v_terms ->> 'priority')::integer END,
-                         (SELECT s.value::integer FROM public.ledger_settings s WHERE s.name = 'grant_priority'), 50),
-                v_expires,
-                CASE WHEN v_expires IS NOT NULL AND jsonb_typeof(v_terms -> 'rollover_cap') = 'number'
-                     THEN (v_terms ->> 'rollover_cap')::bigint END,
-                CASE WHEN v_expires IS NOT NULL AND jsonb_typeof(v_terms -> 'rollover_until') = 'string'
-                     THEN (v_terms ->> 'rollover_until')::timestamptz END,
-                NEW.created_at);
+        VALUES (NEW.id, NEW.user_id, NEW.transaction_type, v_left, v_left, t.priority, t.expires_at,
+                t.rollover_cap, t.rollover_until, NEW.created_at);
         IF v_expires IS NOT NULL THEN
             UPDATE public.points_balances b SET next_expiry = v_expires
              WHERE b.user_id = NEW.user_id AND (b.next_expiry IS NULL OR b.next_expiry > v_expires);
@@ -303,6 +315,7 @@ BEGIN
 END $$;
 
 REVOKE EXECUTE ON FUNCTION
+    public.points_lot_terms(jsonb),
     public.points_lots_follow_ledger(),
     public.deduct_points(uuid, bigint, text, text, text, jsonb)
 FROM PUBLIC;
