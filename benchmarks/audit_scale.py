@@ -369,9 +369,10 @@ def manifest_check(url: str, flags: dict[str, list[str | None]], config: Credits
     A planted failed_deductions burst is a fault only while it is in the rule's last hour: the seed dates
     it up to 50 minutes before the generation, so a reused database's bursts age out (``aged_out``: not a
     miss; they are counted on the database as it is now)."""
+    from checks.seed import read_manifest
+
     with db.connect(url, autocommit=True) as c:
-        planted = c.execute("SELECT rule, bestauth_user_id::text FROM public.demo_seed_manifest").fetchall()
-        looks = {r[0] for r in c.execute("SELECT bestauth_user_id::text FROM public.demo_seed_lookalikes")}
+        seeded = read_manifest(c)
         in_window = {r[0] for r in c.execute(
             """SELECT m.bestauth_user_id::text FROM public.demo_seed_manifest m
                  JOIN public.user_id_resolution r ON r.bestauth_user_id = m.bestauth_user_id
@@ -379,15 +380,15 @@ def manifest_check(url: str, flags: dict[str, list[str | None]], config: Credits
                         WHERE f.created_at > now() - interval '1 hour' GROUP BY f.user_id) f ON f.user_id = r.user_id
                 WHERE m.rule = 'failed_deductions' AND f.n >= %s""",
             (config.audit.failed_deductions_per_hour,))}
+    planted = [(rule, uid) for rule, uids in seeded.faults.items() for uid in uids]
+    looks = {uid for uids in seeded.healthy_lookalikes.values() for uid in uids}
     found = {(rule, uid) for rule, uids in flags.items() for uid in uids}
     aged = [(rule, uid) for rule, uid in planted if rule == "failed_deductions" and uid not in in_window]
     missed = [(rule, uid) for rule, uid in planted
               if (rule, uid) not in found and (rule, uid) not in set(aged)]
-    faulted = {uid for _, uid in planted}
+    faulted = seeded.faulted
     flagged = {uid for uids in flags.values() for uid in uids if uid is not None}
-    by_rule: dict[str, int] = {}
-    for rule, _ in planted:
-        by_rule[rule] = by_rule.get(rule, 0) + 1
+    by_rule = {rule: len(uids) for rule, uids in seeded.faults.items()}
     return {"planted": len(planted), "by_rule": by_rule, "missed": len(missed), "missed_sample": missed[:10],
             "aged_out": len(aged), "aged_out_found": sum(1 for x in aged if x in found),
             "flagged_healthy": len(flagged - faulted), "flagged_healthy_sample": sorted(flagged - faulted)[:10],
