@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from ledger import db
+from ledger.checkout import checkout_for
 from ledger.lots import LotsMixin
 from ledger.config import PAID_STATUSES, CreditsConfig, load_config
 from ledger.errors import (
@@ -167,6 +168,9 @@ class Ledger(ReservationsMixin, LotsMixin):
         self.pool = pool
         self.config = config
         self.url = url
+        # every connection the Ledger uses goes through this lock-free checkout (ledger.checkout), shared
+        # by all Ledgers on the same pool, so none of them ever waits on connections another one hoards
+        self._checkout = checkout_for(pool)
 
     @classmethod
     def connect(cls, url: str | None = None, config: CreditsConfig | None = None, *,
@@ -183,6 +187,7 @@ class Ledger(ReservationsMixin, LotsMixin):
         return cls(pool, config, url)
 
     def close(self) -> None:
+        self._checkout.close()  # idle connections back to the pool first, which then closes them all
         self.pool.close()
 
     def __enter__(self) -> "Ledger":
@@ -193,10 +198,20 @@ class Ledger(ReservationsMixin, LotsMixin):
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection with driver errors translated to typed ones."""
+        """A pooled connection with driver errors translated to typed ones.
+
+        Taken from the Ledger's checkout (as ``_fetchone``'s are) and used as ``pool.connection()``
+        would: committed on success, rolled back on error (both no-ops on db.open_pool's autocommit
+        connections), then kept for the next call if idle and healthy, else given to the pool.
+        """
+        checkout = self._checkout
         try:
-            with self.pool.connection() as conn:
-                yield conn
+            conn, deadline = checkout.get()
+            try:
+                with conn:  # belongs to the pool (conn._pool), so __exit__ commits/rolls back, never closes
+                    yield conn
+            finally:
+                checkout.put(conn, deadline)
         except psycopg.Error as exc:
             self._raise_translated(exc)
 
@@ -211,17 +226,22 @@ class Ledger(ReservationsMixin, LotsMixin):
     def _fetchone(self, query: str, params: tuple[Any, ...]) -> Any:
         """One autocommit statement on a pooled connection: the writes' hot path.
 
-        Same pool, same error translation as ``connection()``, without its two generator-based
+        Same checkout, same error translation as ``connection()``, without its two generator-based
         context managers and with the connection's cursor reused: together about a third of the
         module's CPU per deduction with 8 threads (benchmarks/ledger_throughput.py). The cursor lives
-        on its connection (a pooled connection, and so its cursor, serves one thread at a time) and
-        goes with it when the pool drops the connection.
+        on its connection (a checked-out connection, and so its cursor, serves one thread at a time)
+        and goes with it when the pool drops the connection. The deque pop below is the checkout's
+        fast path inlined (``ConnectionCheckout.get``).
         """
-        pool = self.pool
+        checkout = self._checkout
+        idle = checkout.idle
         attempt = 1
         while True:
             try:
-                conn = pool.getconn()
+                try:
+                    conn, deadline = idle.pop()
+                except IndexError:
+                    conn, deadline = checkout._borrow()
                 try:
                     cur = getattr(conn, _CURSOR_ATTR, None)
                     if cur is None:
@@ -232,7 +252,7 @@ class Ledger(ReservationsMixin, LotsMixin):
                     with conn.transaction():  # a caller's non-autocommit pool: commit, as connection() would
                         return cur.execute(query, params).fetchone()
                 finally:
-                    pool.putconn(conn)  # the pool discards a broken connection
+                    checkout.put(conn, deadline)  # a broken or busy connection goes to the pool, which discards it
             except psycopg.Error as exc:
                 if attempt < self.retry_attempts and is_retryable(exc):
                     self._before_retry(exc, attempt, query)
@@ -252,6 +272,8 @@ class Ledger(ReservationsMixin, LotsMixin):
                     attempt, self.retry_attempts - 1, delay)
         time.sleep(delay)
         if sqlstate is None or sqlstate.startswith("57P"):
+            # the checkout's idle connections first: they died too, and pool.check() tests them there
+            self._checkout.drop_idle()
             try:
                 self.pool.check()  # a restarted server killed every pooled connection, not just this one
             except Exception:  # the server may still be down; the next attempt will tell
