@@ -40,6 +40,10 @@ def normalize_email(value: str) -> str:
 def check_text(value: str, what: str) -> str:
     """Refuse text PostgreSQL cannot store (NUL characters, lone UTF-16 surrogates) with a clear error,
     instead of a driver error from deep inside a write."""
+    if value.isascii():  # the usual case: no surrogate possible, so only NUL to refuse (no encode copy)
+        if "\x00" in value:
+            raise InvalidArgument(f"{what} must not contain NUL characters")
+        return value
     if "\x00" in value:
         raise InvalidArgument(f"{what} must not contain NUL characters")
     try:

@@ -50,6 +50,9 @@ _WRITE_SQL_NO_METADATA = {
     fn: f"SELECT new_balance, transaction_id, duplicate FROM public.{fn}(%s, %s, %s, %s, %s)"
     for fn in ("add_points", "deduct_points")}
 _CURSOR_ATTR = "_credit_recon_cursor"
+# transaction types the write path need not check again (the defaults of grant/deduct): exact str
+# instances only, so a str subclass with its own __eq__/__hash__ still gets the full check
+_PLAIN_TYPES = frozenset({"adjustment", "generation_deduction"})
 
 # Errors after which the same call may simply be sent again: the connection was lost (no SQLSTATE),
 # the server shut the session down (57P01-57P03), or PostgreSQL rolled the transaction back to resolve
@@ -358,9 +361,10 @@ class Ledger(ReservationsMixin, LotsMixin):
             if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_LENGTH:
                 raise InvalidArgument(f"description must be text of at most {MAX_DESCRIPTION_LENGTH} characters")
             check_text(description, "description")
-        if not isinstance(transaction_type, str):
-            raise InvalidArgument("transaction type must be a string")
-        check_text(transaction_type, "transaction type")
+        if type(transaction_type) is not str or transaction_type not in _PLAIN_TYPES:  # the defaults: known good
+            if not isinstance(transaction_type, str):
+                raise InvalidArgument("transaction type must be a string")
+            check_text(transaction_type, "transaction type")
         try:
             if metadata:
                 row = self._fetchone(_WRITE_SQL[fn], (uid, amount, transaction_type, description, key,
