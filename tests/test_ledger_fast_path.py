@@ -151,6 +151,48 @@ def test_fast_path_agrees_with_002_on_every_case(conn: psycopg.Connection, world
     assert checked["ok"] >= 40 and {"CR001", "CR002", "CR003", "CR004"} <= set(checked), checked
 
 
+def test_draws_beyond_the_first_four_lots_and_lots_that_run_out_agree_with_002(
+        conn: psycopg.Connection) -> None:
+    """sql/018 draws the lots after the first, up to four, in one statement and walks on lot by lot
+    after them; lots that run out (holding less than the balance) leave the uncovered rest itemised. Both must leave the lots and the
+    draws exactly as the reference path (002: ledger_apply and the lots trigger) does, retries included."""
+    if not _has_lots(conn):
+        pytest.skip("no lots in this schema")
+    _install_reference(conn)
+    small, drifted = uuid.uuid4(), uuid.uuid4()
+    # seven lots of 3 credits, consumption order unlike grant order (priorities 10/50/90 in turn)
+    for i in range(7):
+        conn.execute("SELECT * FROM public.add_points(%s, 3, 'adjustment', 'seed', %s, '{}'::jsonb, NULL, %s)",
+                     (small, f"seed:small:{i}", (10, 50, 90)[i % 3]))
+    for i in range(3):
+        conn.execute("SELECT * FROM public.add_points(%s, 5, 'adjustment', 'seed', %s)", (drifted, f"seed:drift:{i}"))
+    # the drifted user's lots hold 4 credits fewer than the balance (what lots_consistent reports)
+    conn.execute("UPDATE public.points_lots SET remaining = remaining - 4 "
+                 "WHERE id = (SELECT max(id) FROM public.points_lots WHERE user_id = %s)", (drifted,))
+    watch = [small, drifted]
+    checked = Counter()
+    for uid, amount, key in itertools.product(watch, (1, 3, 4, 9, 12, 13, 15, 21, 22), ("new", "retry")):
+        k = f"k-{key}-{amount}"
+        args = (uid, amount, "generation_deduction", "d", k, Jsonb({}))
+        prior = args if key == "retry" else None
+        ref = _call(conn, "deduct_points_002", args, prior, watch)
+        new = _call(conn, "deduct_points", args, prior, watch)
+        assert new == ref, f"user={'small' if uid == small else 'drifted'} amount={amount} key={key}"
+        checked[ref[0][0] if ref[0][0] == "ok" else ref[0][1]] += 1
+        if ref[0][0] == "ok" and key == "new":
+            lots_drawn = {lot for row_key, lot, _n in ref[1][3] if row_key == k}
+            checked["lots:" + str(len(lots_drawn))] += 1
+    assert checked["ok"] >= 14, checked
+    # reached: one lot, two to five (the first lot and the next four), more (the walk), an uncovered rest
+    assert checked["lots:1"] and checked["lots:3"] and checked["lots:5"] and checked["lots:7"], checked
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT * FROM public.deduct_points(%s, 15, 'generation_deduction', 'd', 'k-drift')",
+                     (drifted,))
+        uncovered = conn.execute("SELECT sum(amount) FROM public.points_lot_draws WHERE user_id = %s "
+                                 "AND lot_id IS NULL", (drifted,)).fetchone()[0]
+    assert uncovered == 4
+
+
 def test_retry_on_the_fast_path_leaves_balance_and_ledger_as_they_were(conn: psycopg.Connection) -> None:
     uid = uuid.uuid4()
     conn.execute("SELECT * FROM public.add_points(%s, 100, 'subscription_grant', 's', 's')", (uid,))
