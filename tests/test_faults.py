@@ -289,8 +289,10 @@ def test_server_restart_during_a_live_fix_run_and_module_writes(tmp_path: Path) 
         written: list[int] = []
 
         def write_loop(n: int, led: Ledger) -> None:
+            # until told to stop (0.5 s after the restart), not a fixed count: a fast module could finish
+            # a fixed count before the restart and the writes would no longer straddle it
             i = 0
-            while not stop.is_set() and i < 400:
+            while not stop.is_set() and i < 200_000:
                 led.grant(writer_uid, 1, idempotency_key=f"w:{n}:{i}")
                 written.append(1)
                 i += 1
