@@ -117,16 +117,20 @@ def settle(target: Target) -> None:
         conn.execute("CHECKPOINT")
 
 
-def run(target: Target, workload: str, rnd: int, args: argparse.Namespace, workdir: Path, run_tag: str) -> RunResult:
-    logdir = workdir / f"{workload}-r{rnd}"
+def run(target: Target, workload: str, rnd: int, args: argparse.Namespace, workdir: Path, run_tag: str,
+        duration: int | None = None, label: str = "") -> RunResult:
+    """One pgbench run of ``duration`` seconds (default --duration); ``label`` tells a warm-up apart
+    (its own log folder and idempotency keys)."""
+    duration = duration or args.duration
+    logdir = workdir / f"{workload}-r{rnd}{label}"
     logdir.mkdir()
     script = workdir / "deduct.sql"
     script.write_text(SCRIPT)
     lo, hi = (1, args.users) if workload == "single_lot" else (args.users + 1, 2 * args.users)
-    cmd = [str(target.pgbench), "-n", "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
+    cmd = [str(target.pgbench), "-n", "-c", str(args.clients), "-j", str(args.threads), "-T", str(duration),
            "-M", args.protocol, "-l", "--log-prefix", str(logdir / "tx"), "-f", str(script),
            "-D", f"lo={lo}", "-D", f"hi={hi}", "-D", f"max_deduction={args.max_deduction}",
-           "-D", f"run={run_tag}{rnd}{workload[0]}", "-D", "seq=0",
+           "-D", f"run={run_tag}{rnd}{workload[0]}{label}", "-D", "seq=0",
            target.pgbench_conninfo]
     proc = subprocess.run(cmd, env=target.env, capture_output=True, text=True)
     out = proc.stdout
@@ -138,7 +142,7 @@ def run(target: Target, workload: str, rnd: int, args: argparse.Namespace, workd
             latencies.extend(float(line.split()[2]) for line in fh)
     failed = _FAILED.search(out)
     return RunResult(workload, rnd, float(_TPS.search(out).group(1)), int(_DONE.search(out).group(1)),  # type: ignore[union-attr]
-                     int(failed.group(1)) if failed else 0, float(args.duration), _percentiles(latencies))
+                     int(failed.group(1)) if failed else 0, float(duration), _percentiles(latencies))
 
 
 def verify(target: Target, users: int, counted: int) -> dict[str, object]:
@@ -198,6 +202,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-deduction", type=int, default=MAX_DEDUCTION,
                     help=f"deductions are 1..N credits (default {MAX_DEDUCTION}; lots hold {LOT_CREDITS})")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; the median per workload is reported (default 3)")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="seconds of the same workload, untimed, between the CHECKPOINT and each timed run "
+                         "(default 0: timed from the checkpoint, when every first write of a page is a "
+                         "full-page image)")
     ap.add_argument("--protocol", choices=("simple", "extended", "prepared"), default="prepared",
                     help="pgbench query protocol (default prepared, like psycopg)")
     ap.add_argument("--url", default=None, help="server to use (default $DATABASE_URL, else a temporary embedded one)")
@@ -208,6 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("duration", "clients", "threads", "users", "rounds", "max_deduction"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        ap.error("--warmup must be 0 or more seconds")
     args.threads = min(args.threads, args.clients)
     return args
 
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     run_tag = str(random.randint(10**5, 10**6 - 1))
     results: list[RunResult] = []
     refilled: list[int] = []
+    warmed: list[int] = []  # deductions of the untimed warm-ups (checked with the rest)
     started = datetime.now(timezone.utc)
     with scratch_database(args.url or os.environ.get("DATABASE_URL")) as target, \
             tempfile.TemporaryDirectory(prefix="credit-recon-pgbench-") as tmp:
@@ -229,13 +240,16 @@ def main(argv: list[str] | None = None) -> int:
                 if w == "many_lots":
                     refilled.append(refill(target, args.users, f"{run_tag}:{rnd}"))
                 settle(target)
+                if args.warmup:
+                    warmed.append(run(target, w, rnd, args, Path(tmp), run_tag, duration=args.warmup,
+                                      label="w").transactions)
                 r = run(target, w, rnd, args, Path(tmp), run_tag)
                 results.append(r)
                 print(f"round {rnd} {w:<11} {r.tps:9.1f} tps  {r.transactions} tx  "
                       f"p50 {r.latency_ms.get('p50', float('nan')):.2f} ms  "
                       f"p99 {r.latency_ms.get('p99', float('nan')):.2f} ms  failed {r.failed}",
                       file=sys.stderr, flush=True)
-        checked = verify(target, args.users, sum(r.transactions for r in results))
+        checked = verify(target, args.users, sum(r.transactions for r in results) + sum(warmed))
     summary = summarize(results)
     ratio = round(summary["many_lots"]["tps"] / summary["single_lot"]["tps"], 3)
     meta: dict[str, object] = {
@@ -246,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"lots throughput: {args.clients} clients, {args.duration}s per run, {args.rounds} round(s), "
           f"{args.users} users per workload, deductions of 1..{args.max_deduction}, many-lot users refilled to {LOTS} "
-          f"lots of {LOT_CREDITS} before each run, PostgreSQL {server['server_version']}, {meta['cpus']} CPUs")
+          f"lots of {LOT_CREDITS} before each run, "
+          f"{f'{args.warmup}s untimed warm-up after each checkpoint, ' if args.warmup else 'timed from a checkpoint, '}"
+          f"PostgreSQL {server['server_version']}, {meta['cpus']} CPUs")
     print(f"{'workload':<12}" + "".join(f"{'round ' + str(i + 1):>12}" for i in range(args.rounds))
           + f"{'median tps':>12}{'p50 ms':>9}{'p99 ms':>9}")
     for w, s in summary.items():
