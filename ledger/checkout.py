@@ -140,7 +140,9 @@ class ConnectionCheckout:
                 break
         now = monotonic()
         idle = self.idle
-        for _ in range(len(idle)):  # oldest first; the hot path works on the other end
+        # from the least recently used end (the hot path works on the other): a connection in steady use
+        # meets its deadline in put() instead
+        for _ in range(len(idle)):
             try:
                 item = idle.popleft()
             except IndexError:
@@ -149,6 +151,7 @@ class ConnectionCheckout:
                 self._give_back(item[0])
             else:
                 idle.appendleft(item)
+                break
 
     def _clients_waiting(self) -> bool:
         if self.pool_waiting:
