@@ -262,6 +262,15 @@ def test_history_shows_lots_and_their_draws(ledger: Ledger, conn: psycopg.Connec
     assert (lot.id, lot.granted, lot.remaining, lot.consumed) == (a, 5, 3, 2)
     assert [(d.transaction_id, d.amount, d.transaction_type) for d in lot.draws] == \
         [(w.transaction_id, 2, "generation_deduction")]
+    # a deduction across lots (recorded on its ledger row since sql/018) shows on every lot it drew
+    b, c = grant(conn, uid, 4, "b"), grant(conn, uid, 4, "c")
+    x = ledger.deduct(uid, 9, idempotency_key="gen-across")
+    assert conn.execute("SELECT lot_ids, lot_amounts FROM public.points_transactions WHERE id = %s",
+                        (x.transaction_id,)).fetchone() == ([a, b, c], [3, 4, 2])
+    by_id = {lot.id: lot for lot in ledger.lots(uid)}
+    assert {i: (by_id[i].remaining, [(d.transaction_id, d.amount) for d in by_id[i].draws if
+                                     d.transaction_id == x.transaction_id]) for i in (a, b, c)} == \
+        {a: (0, [(x.transaction_id, 3)]), b: (0, [(x.transaction_id, 4)]), c: (2, [(x.transaction_id, 2)])}
 
 
 def test_bad_lot_terms_are_refused(conn: psycopg.Connection) -> None:
