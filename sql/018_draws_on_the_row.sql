@@ -9,8 +9,8 @@
 -- Now:
 -- - the single-lot path is 017's, unchanged: the first open lot gives what it has, up to the amount;
 -- - when it does not cover the amount, one statement reads the next four open lots in consumption order
---   and draws on those the rest needs (a running sum over the four says what each gives); only when
---   four do not cover it either does the function walk on lot by lot, as 017 did;
+--   and draws on those the rest needs (a running sum over the four says what each gives), repeated
+--   while four do not cover it (017 walked on lot by lot, a statement per lot);
 -- - the ledger row itself records the draw: lot_id for one lot (as since 011), lot_ids / lot_amounts
 --   (in draw order) for several. points_lot_draws shows all three forms the same way. A draw the lots
 --   cannot cover (they disagree with the balance) is itemised in points_lot_consumptions with the
@@ -68,11 +68,11 @@ DECLARE
     v_had bigint;        -- what it held
     v_ids bigint[];      -- several lots: every lot drawn, in draw order
     v_ns bigint[];       -- and how much each gave
-    v_drawn bigint;      -- what the next lots gave
+    v_more_ids bigint[]; -- the lots one statement drew after the first
+    v_more_ns bigint[];
+    v_drawn bigint;      -- and what they gave
     v_left bigint;       -- still to draw
-    v_n bigint;
     v_at timestamptz;
-    r record;
 BEGIN
     IF p_user_id IS NOT NULL AND p_amount > 0 AND length(p_idempotency_key) BETWEEN 1 AND 512 THEN
         UPDATE public.points_balances b
@@ -98,40 +98,33 @@ BEGIN
             v_left := 0;
             IF v_had < p_amount THEN
                 -- several lots: the next four in the same order give what the rest needs, in one statement
-                -- (a running sum over the four says what each gives)
+                -- (a running sum over the four says what each gives); again while four did not cover it
                 v_left := p_amount - v_had;
-                WITH nexts AS (
-                    SELECT x.id, x.remaining,
-                           (sum(x.remaining) OVER (ORDER BY x.priority, x.expires_at, x.id
-                                                   ROWS UNBOUNDED PRECEDING))::bigint - x.remaining AS before
-                      FROM (SELECT y.id, y.remaining, y.priority, y.expires_at FROM public.points_lots y
-                             WHERE y.user_id = p_user_id AND NOT y.spent AND y.remaining > 0
-                             ORDER BY y.priority, y.expires_at, y.id LIMIT 4) x
-                ), taken AS (
-                    UPDATE public.points_lots l SET remaining = l.remaining - least(f.remaining, v_left - f.before)
-                      FROM nexts f
-                     WHERE l.id = f.id AND f.before < v_left
-                    RETURNING l.id, least(f.remaining, v_left - f.before) AS n, f.before
-                )
-                SELECT array_agg(k.id ORDER BY k.before), array_agg(k.n ORDER BY k.before),
-                       coalesce(sum(k.n), 0)::bigint
-                  INTO v_ids, v_ns, v_drawn FROM taken k;
-                v_ids := v_lot || coalesce(v_ids, '{}');
-                v_ns := v_had || coalesce(v_ns, '{}');
-                v_left := v_left - v_drawn;
-                IF v_left > 0 AND v_drawn > 0 THEN
-                    -- still more: walk on, lot by lot (the four are empty now)
-                    FOR r IN SELECT l.id, l.remaining FROM public.points_lots l
-                              WHERE l.user_id = p_user_id AND NOT l.spent AND l.remaining > 0
-                              ORDER BY l.priority, l.expires_at, l.id LOOP
-                        v_n := least(r.remaining, v_left);
-                        UPDATE public.points_lots l SET remaining = l.remaining - v_n WHERE l.id = r.id;
-                        v_ids := v_ids || r.id;
-                        v_ns := v_ns || v_n;
-                        v_left := v_left - v_n;
-                        EXIT WHEN v_left = 0;
-                    END LOOP;
-                END IF;
+                v_ids := ARRAY[v_lot];
+                v_ns := ARRAY[v_had];
+                LOOP
+                    WITH nexts AS (
+                        SELECT x.id, x.remaining,
+                               (sum(x.remaining) OVER (ORDER BY x.priority, x.expires_at, x.id
+                                                       ROWS UNBOUNDED PRECEDING))::bigint - x.remaining AS before
+                          FROM (SELECT y.id, y.remaining, y.priority, y.expires_at FROM public.points_lots y
+                                 WHERE y.user_id = p_user_id AND NOT y.spent AND y.remaining > 0
+                                 ORDER BY y.priority, y.expires_at, y.id LIMIT 4) x
+                    ), taken AS (
+                        UPDATE public.points_lots l SET remaining = l.remaining - least(f.remaining, v_left - f.before)
+                          FROM nexts f
+                         WHERE l.id = f.id AND f.before < v_left
+                        RETURNING l.id, least(f.remaining, v_left - f.before) AS n, f.before
+                    )
+                    SELECT array_agg(k.id ORDER BY k.before), array_agg(k.n ORDER BY k.before),
+                           coalesce(sum(k.n), 0)::bigint
+                      INTO v_more_ids, v_more_ns, v_drawn FROM taken k;
+                    EXIT WHEN v_drawn = 0;  -- no open lot left: the rest is uncovered (below)
+                    v_ids := v_ids || v_more_ids;
+                    v_ns := v_ns || v_more_ns;
+                    v_left := v_left - v_drawn;
+                    EXIT WHEN v_left = 0;
+                END LOOP;
                 v_lot := NULL;
             END IF;
             -- one lot: lot_id; several: lot_ids / lot_amounts; lots that ran out: itemised below with the
