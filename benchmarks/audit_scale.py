@@ -97,7 +97,17 @@ def existing_matches(url: str, args: argparse.Namespace) -> bool:
             row = c.execute("""SELECT users, fault_rate, seed FROM public.demo_seed_runs ORDER BY id DESC LIMIT 1"""
                             ).fetchone()
             n = c.execute("SELECT count(*) FROM public.bestauth_users").fetchone()[0]
+            # a database written before the load tables were made logged again lost them in a server crash
+            # (PostgreSQL empties unlogged tables on recovery): its users remain, its ledger does not
+            unlogged = [r[0] for r in c.execute(
+                """SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace
+                      AND relkind = 'r' AND relpersistence = 'u' ORDER BY relname""")]
+            has_ledger = c.execute("SELECT EXISTS (SELECT 1 FROM public.points_transactions)").fetchone()[0]
     except Exception:
+        return False
+    if row and (unlogged or not has_ledger):
+        log(f"  {db.describe_url(url)} is not usable ({'unlogged: ' + ', '.join(unlogged) if unlogged else ''}"
+            f"{'; ' if unlogged and not has_ledger else ''}{'' if has_ledger else 'no ledger rows'}): regenerating")
         return False
     return bool(row) and row[0] == args.users == n and abs(row[1] - args.faults) < 1e-9 and row[2] == args.seed
 
@@ -173,6 +183,12 @@ def generate(admin_url: str, url: str, args: argparse.Namespace, config: Credits
                 c.execute(definition)  # from pg_get_indexdef of this very database
         c.execute("""INSERT INTO public.demo_seed_runs (users, fault_rate, seed, anchor, mode)
                      VALUES (%s, %s, %s, %s, 'bulk')""", (args.users, args.faults, args.seed, anchor))
+        # logged again: an unlogged table is emptied when the server recovers from a crash (a session's
+        # processes are killed when it ends), and a reused database would then audit an empty ledger
+        t_logged = time.perf_counter()
+        for table in _LEDGER_TABLES:
+            c.execute(sql.SQL("ALTER TABLE {} SET LOGGED").format(sql.Identifier("public", table)))
+        log(f"  load tables logged again in {time.perf_counter() - t_logged:.0f} s")
         log("VACUUM ANALYZE")
         c.execute("VACUUM (ANALYZE)")
         rows = c.execute("SELECT count(*) FROM public.points_transactions").fetchone()[0]
