@@ -115,7 +115,8 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
     # (transaction_type, created_at) index of sql/014), one string per user (grant_tokens). A row belongs to the period its
     # key names (subscription_grant:<sub>:<date>), else to the one its metadata names (subscription_id +
     # period_start: a webhook retry under another key); rows naming neither get an empty subscription and
-    # period. Separators are stripped from the key parts.
+    # period. Separators are stripped from the key parts (replace, not translate: translate cost ~0.7 us a
+    # row, 1.3 s of this query's 5.6 s at 1M users).
     "ledger_by_user": (
         """SELECT c.user_id::text AS user_id, c.ledger_rows, c.ledger_sum, c.ledger_earned, c.ledger_spent, c.chain_breaks,
                   c.first_break_id, c.last_balance_after, c.last_transaction_id
@@ -155,11 +156,11 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
                                 AND p.metadata ? 'reverses_transaction_id' THEN 'r' END AS kind) k
          CROSS JOIN LATERAL (
                SELECT CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
-                           THEN translate(lower(split_part(p.idempotency_key, ':', 2)), ' |', '')
+                           THEN replace(replace(lower(split_part(p.idempotency_key, ':', 2)), ' ', ''), '|', '')
                            WHEN p.metadata ->> 'subscription_id' ~* %(uuid)s
                            THEN lower(p.metadata ->> 'subscription_id') END AS sub,
                       CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
-                           THEN translate(split_part(p.idempotency_key, ':', 3), ' |', '')
+                           THEN replace(replace(split_part(p.idempotency_key, ':', 3), ' ', ''), '|', '')
                            WHEN p.metadata ->> 'period_start' ~ %(iso)s
                            THEN to_char((p.metadata ->> 'period_start')::timestamptz
                                         AT TIME ZONE 'UTC', 'YYYY-MM-DD') END AS per) g
