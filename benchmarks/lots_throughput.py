@@ -39,6 +39,8 @@ from benchmarks.ledger_throughput import (
     RunResult,
     Target,
     _percentiles,
+    _ratio_line,
+    round_ratios,
     scratch_database,
 )
 from ledger.config import CreditsConfig
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w:<12}" + "".join(f"{t:>12.1f}" for t in per) + f"{s['tps']:>12.1f}"
               f"{s.get('p50_ms', float('nan')):>9.2f}{s.get('p99_ms', float('nan')):>9.2f}")
     print()
-    print(f"many_lots / single_lot : {ratio:.2f}x  (target >= 0.8x)")
+    per_round = round_ratios(results, "many_lots", "single_lot")
+    print(_ratio_line("many_lots / single_lot ", ratio, per_round, "target >= 0.8x"))
     print(f"many-lot deductions: {checked['many_lot_deductions_crossing_lots']} crossed lots (up to "
           f"{checked['most_lots_in_one_deduction']} in one), {checked['many_lot_deductions_one_lot']} drew one lot; "
           f"{checked['many_lot_users_open_lots_at_end']} open lots per many-lot user at the end")
@@ -278,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{checked['unbalanced_users']} users whose balance differs from their ledger or their open lots, "
           f"{checked['uncovered_draws']} uncovered draws")
     doc = {"meta": meta, "args": vars(args), "summary": summary, "ratio_many_vs_single": ratio,
+           "ratio_many_vs_single_per_round": per_round,
            "runs": [asdict(r) for r in results]}
     if not args.no_json:
         path = Path(args.json_path) if args.json_path else \
