@@ -316,3 +316,22 @@ def test_audit_as_of_a_past_instant(db_url, conn, config):
     past = run_audit(db_url, config, rules=["ledger_integrity"], as_of=before)
     assert past.findings == [] and past.as_of == before
     assert past.to_json()["as_of"] == before.isoformat()
+
+
+def test_frame_settings_hold_for_their_frame_only(db_url, conn, config):
+    """lots_by_user plans with its own random_page_cost (snapshot.FRAME_SETTINGS); the frames read after it
+    on the same snapshot connection plan with the connection's setting again."""
+    from checks import snapshot as snapshot_module
+
+    paid_user(conn, spend=300)
+    assert snapshot_module.FRAME_SETTINGS["lots_by_user"]["random_page_cost"] != "4"
+    with snapshot_module.db.connect(db_url, autocommit=True) as c:
+        snapshot_module._begin(c)
+        before = c.execute("SELECT current_setting('random_page_cost')").fetchone()[0]
+        now = datetime.now(timezone.utc)
+        frame = snapshot_module._read_frame(c, "lots_by_user", {"as_of": now, "ref": now, "live": True,
+                                                               "iso": snapshot_module._ISO_RE,
+                                                               "uuid": snapshot_module._UUID_RE})
+        assert len(frame) == 1
+        assert c.execute("SELECT current_setting('random_page_cost')").fetchone()[0] == before == "4"
+        c.execute("ROLLBACK")
