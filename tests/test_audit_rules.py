@@ -335,3 +335,21 @@ def test_frame_settings_hold_for_their_frame_only(db_url, conn, config):
         assert len(frame) == 1
         assert c.execute("SELECT current_setting('random_page_cost')").fetchone()[0] == before == "4"
         c.execute("ROLLBACK")
+
+
+def test_orphan_points_ids_in_the_state(db_url, conn, config):
+    """Points ids that hold a balance or ledger rows but that no BestAuth user resolves to get a row of
+    their own (orphan), once each; resolved users' ids do not."""
+    from checks.state import user_state
+
+    resolved = paid_user(conn, spend=100)
+    stray = [uuid.uuid4() for _ in range(3)]
+    for n, pid in enumerate(stray):
+        add(conn, pid, 10 + n)
+        add(conn, pid, 5)
+    state = user_state(take_snapshot(db_url), config)
+    orphans = state[state["orphan"]]
+    assert sorted(orphans["user_id"]) == sorted(str(p) for p in stray)
+    assert orphans.set_index("user_id").loc[str(stray[2]), "balance"] == 17
+    assert not state.loc[state["user_id"] == str(resolved["pid"]), "orphan"].any()
+    assert (~state["orphan"]).sum() == len(take_snapshot(db_url).table("bestauth_users"))
