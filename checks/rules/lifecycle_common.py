@@ -27,8 +27,9 @@ def owners(state: "pd.DataFrame", user_ids: "list[Any] | set[Any]") -> dict[str,
 def outer_merge_on_ids(left: "pd.DataFrame", right: "pd.DataFrame", key: str) -> "pd.DataFrame":
     """``left.merge(right, on=key, how="outer")`` -- same rows, columns, dtypes and order (sorted by the
     key) -- for id-string keys unique on each side: both keys get integer codes from one Arrow hash pass,
-    pandas joins the codes, Arrow sorts the result. pandas hashing and sorting the strings themselves cost
-    ~1.9 s at 600k x 600k ids (lots_consistent at 1M users), this about half. No null keys (ids)."""
+    pandas joins the codes, Arrow sorts the result. On synthetic 600k x 600k ids (lots_consistent's sizes
+    at 1M users) 1.0-1.1 s against pandas' 1.9-2.1 s, which hashes and sorts the strings themselves; the
+    rule's own time at 1M users went from 1.95-2.14 s to 1.43-2.18 s. Keys are ids: never null."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
