@@ -219,23 +219,3 @@ def test_lifecycle_rules_find_faults_spare_lookalikes_and_fix(db_url: str, conn:
     assert not again.fixes and again.after is None
     replay = apply_fixes(db_url, config, report.plan, live=True, max_fixes=10, actor="test:replay")
     assert replay.applied == 0 and replay.failed == 0  # the old plan again: each fix already done
-
-
-def test_outer_merge_on_ids_is_pandas_outer_merge():
-    """lots_consistent's join helper returns exactly what pandas' outer merge does (rows, order, dtypes)."""
-    import numpy as np
-    import pandas as pd
-
-    from checks.rules.lifecycle_common import outer_merge_on_ids
-
-    rng = np.random.default_rng(7)
-    ids = [str(uuid.uuid4()) for _ in range(300)]
-    left = pd.DataFrame({"ledger_sum": rng.integers(-5, 50, 200),
-                         "user_id": pd.array(list(rng.permutation(ids[:200])), dtype="str")})
-    right = pd.DataFrame({"user_id": pd.array(list(rng.permutation(ids[120:])), dtype="str"),
-                          "lots": rng.integers(0, 4, 180),
-                          "detail": pd.array([None if i % 3 else f"d{i}" for i in range(180)], dtype="str")})
-    for a, b in ((left, right), (right, left), (left, right.iloc[0:0]), (left.iloc[0:0], right)):
-        expected = a.merge(b, on="user_id", how="outer")
-        got = outer_merge_on_ids(a, b, "user_id")
-        pd.testing.assert_frame_equal(got, expected)

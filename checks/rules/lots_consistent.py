@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from checks.findings import Finding
 from checks.gx_adapter import expectations as gxe
 from checks.rules.base import Rule
-from checks.rules.lifecycle_common import FAMILY, outer_merge_on_ids, owners, words
+from checks.rules.lifecycle_common import FAMILY, owners, words
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,7 +43,7 @@ class LotsConsistent(Rule):
                                                "uncovered_draws", "uncovered_credits", "uncovered_ids"]]
         users = state.loc[(state["ledger_rows"] > 0) | state["has_balance_row"], ["user_id", "ledger_sum"]]
         users = users.drop_duplicates("user_id")
-        frame = outer_merge_on_ids(users, lots, "user_id")
+        frame = users.merge(lots, on="user_id", how="outer")
         for col in ("ledger_sum", "lots", "lots_remaining", "bad_lots", "uncovered_draws", "uncovered_credits"):
             frame[col] = frame[col].fillna(0).astype("int64")
         frame["bestauth_user_id"] = None
