@@ -105,9 +105,9 @@ def existing_matches(url: str, args: argparse.Namespace) -> bool:
             has_ledger = c.execute("SELECT EXISTS (SELECT 1 FROM public.points_transactions)").fetchone()[0]
     except Exception:
         return False
-    if row and (unlogged or not has_ledger):
-        log(f"  {db.describe_url(url)} is not usable ({'unlogged: ' + ', '.join(unlogged) if unlogged else ''}"
-            f"{'; ' if unlogged and not has_ledger else ''}{'' if has_ledger else 'no ledger rows'}): regenerating")
+    why = ([f"unlogged: {', '.join(unlogged)}"] if unlogged else []) + ([] if has_ledger else ["no ledger rows"])
+    if row and why:
+        log(f"  {db.describe_url(url)} is not usable ({'; '.join(why)}): regenerating")
         return False
     return bool(row) and row[0] == args.users == n and abs(row[1] - args.faults) < 1e-9 and row[2] == args.seed
 
