@@ -131,18 +131,23 @@ def scratch_database(url: str | None) -> Iterator[Target]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare(target: Target, users: int, config: CreditsConfig, skip: list[str], workdir: Path) -> dict[str, str]:
-    """Migrate, fund the bench users so no deduction can fail, and initialise pgbench's tables.
+def migration_dir(skip: list[str], workdir: Path) -> Path:
+    """The migrations to apply: all of sql/, or a copy in ``workdir`` without those named by ``skip``
+    (prefixes, e.g. 008, to measure the ledger functions as they were before it)."""
+    if not skip:
+        return SQL_DIR
+    sql_dir = workdir / "sql"
+    sql_dir.mkdir(exist_ok=True)
+    for mig in discover():
+        if not any(mig.name.startswith(prefix) for prefix in skip):
+            shutil.copy(mig.path, sql_dir / mig.path.name)
+    return sql_dir
 
-    ``skip``: migrations left out (e.g. 008, to measure the ledger functions as they were before it).
-    """
-    sql_dir = SQL_DIR
-    if skip:
-        sql_dir = workdir / "sql"
-        sql_dir.mkdir()
-        for mig in discover():
-            if not any(mig.name.startswith(prefix) for prefix in skip):
-                shutil.copy(mig.path, sql_dir / mig.path.name)
+
+def prepare(target: Target, users: int, config: CreditsConfig, skip: list[str], workdir: Path) -> dict[str, str]:
+    """Migrate (without the migrations ``skip`` names), fund the bench users so no deduction can fail,
+    and initialise pgbench's tables."""
+    sql_dir = migration_dir(skip, workdir)
     with psycopg.connect(target.url, autocommit=True) as conn:
         migrate(conn, config, sql_dir=sql_dir)
         # Balances that cannot run out, within the per-operation maximum: several grants per user.

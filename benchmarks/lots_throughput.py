@@ -44,7 +44,7 @@ from benchmarks.ledger_throughput import (
     scratch_database,
 )
 from ledger.config import CreditsConfig
-from ledger.migrate import migrate
+from ledger.migrate import SQL_DIR, migrate
 
 WORKLOADS = ("single_lot", "many_lots")
 LOTS = 50          # open lots per many-lot user, restored before every run
@@ -60,11 +60,11 @@ SELECT * FROM public.deduct_points({UID_SQL}, :amount, 'generation_deduction', '
 """
 
 
-def prepare(target: Target, users: int, config: CreditsConfig) -> dict[str, str]:
+def prepare(target: Target, users: int, config: CreditsConfig, sql_dir: Path = SQL_DIR) -> dict[str, str]:
     """Migrate; one never-expiring lot per single-lot user, big enough for every run (one grant of the
     per-operation maximum); the many-lot users get a backstop lot here and their 50 lots from ``refill``."""
     with psycopg.connect(target.url, autocommit=True) as conn:
-        migrate(conn, config)
+        migrate(conn, config, sql_dir=sql_dir)
         conn.execute(
             f"""SELECT count(*) FROM generate_series(1, %(users)s) n,
                    LATERAL public.add_points({UID_SQL.replace(':n', 'n')}, %(amount)s, 'adjustment',
