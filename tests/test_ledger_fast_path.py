@@ -151,11 +151,11 @@ def test_fast_path_agrees_with_002_on_every_case(conn: psycopg.Connection, world
     assert checked["ok"] >= 40 and {"CR001", "CR002", "CR003", "CR004"} <= set(checked), checked
 
 
-def test_draws_beyond_the_first_four_lots_and_lots_that_run_out_agree_with_002(
-        conn: psycopg.Connection) -> None:
-    """sql/018 draws the lots after the first four at a time, one statement each, until the amount is
-    covered; lots that run out (holding less than the balance) leave the uncovered rest itemised. Both must leave the lots and the
-    draws exactly as the reference path (002: ledger_apply and the lots trigger) does, retries included."""
+def test_draws_across_many_lots_and_lots_that_run_out_agree_with_002(conn: psycopg.Connection) -> None:
+    """deduct_points draws the lots after the first one statement each (sql/019; 018 took four at a time)
+    until the amount is covered; lots that run out (holding less than the balance) leave the uncovered rest
+    itemised. Both must leave the lots and the draws exactly as the reference path (002: ledger_apply and
+    the lots trigger) does, retries included."""
     if not _has_lots(conn):
         pytest.skip("no lots in this schema")
     _install_reference(conn)
@@ -183,7 +183,7 @@ def test_draws_beyond_the_first_four_lots_and_lots_that_run_out_agree_with_002(
             lots_drawn = {lot for row_key, lot, _n in ref[1][3] if row_key == k}
             checked["lots:" + str(len(lots_drawn))] += 1
     assert checked["ok"] >= 14, checked
-    # reached: one lot, two to five (the first lot and the next four), more (a second four), an uncovered rest
+    # reached: one lot, several (3, 5 and all 7), an uncovered rest
     assert checked["lots:1"] and checked["lots:3"] and checked["lots:5"] and checked["lots:7"], checked
     with conn.transaction(force_rollback=True):
         conn.execute("SELECT * FROM public.deduct_points(%s, 15, 'generation_deduction', 'd', 'k-drift')",
