@@ -153,6 +153,27 @@ def test_ledger_integrity(db_url, conn, config):
     assert found[str(lifetime["bid"])].fix == "rebuild_balance"   # balance right, lifetime total wrong
 
 
+def test_metadata_ids_are_validated_and_lower_cased_like_the_app():
+    """The snapshot's metadata ids: a UUID in any case becomes its lower-case form; anything else (a
+    trailing newline or space, a non-ASCII letter, a short or long value, empty) is no id, and the raw
+    resolved value is kept only where it is not one."""
+    import pandas as pd
+
+    from checks.snapshot import _subscription_ids
+
+    good = "ABCDEF01-2345-4789-8BCD-EF0123456789"
+    raws = [good, good.lower(), good + "\n", " " + good, "\u0130" + good[1:], good[:-1], good + "0", "", None,
+            "user_123"]
+    frame = _subscription_ids(pd.DataFrame({"meta_resolved_raw": raws, "meta_supabase_raw": raws,
+                                            "meta_original_raw": raws}))
+    ids = [good.lower(), good.lower()] + [None] * 8
+    for col in ("meta_resolved_id", "meta_supabase_id", "meta_original_id"):
+        assert [None if pd.isna(v) else v for v in frame[col]] == ids, col
+    assert [None if pd.isna(v) else v for v in frame["meta_resolved_raw"]] == [None, None, *raws[2:8], None,
+                                                                              "user_123"]
+    assert "meta_supabase_raw" not in frame and "meta_original_raw" not in frame
+
+
 def test_metadata_resolved(db_url, conn, config):
     good = paid_user(conn)
     legacy_too = paid_user(conn, metadata="resolved")
