@@ -6,7 +6,8 @@
 --
 -- 1. The fast path's WHERE clause looked up max_operation_amount in ledger_settings and the type in
 --    ledger_transaction_types: two subqueries, each an index scan the executor set up and tore down on
---    every call (~44k of ~640k instructions per deduction). The two values now come from two SQL
+--    every call (~44k of ~640k instructions per deduction; the constants below take ~14k of it back,
+--    so -30k). The two values now come from two SQL
 --    functions whose bodies are constants, written from the tables by ledger_compile_fast_path() whenever
 --    either table changes (triggers below). PostgreSQL inlines an IMMUTABLE SQL function into the plan
 --    and folds it, and a cached plan that inlined a function is invalidated when the function is
@@ -14,7 +15,8 @@
 --    lowers the maximum under a session with a warm plan). The tables stay the truth: the slow path
 --    (ledger_validate) reads them as before, and a value the functions lack (a type added by hand with
 --    the triggers disabled) only sends the call down the slow path. A missing max_operation_amount
---    compiles to 0, which no amount passes: every call then takes the slow path, which refuses it.
+--    compiles to 0, which no amount passes: every call then takes the slow path, which answers from the
+--    table as it always has (ledger_validate applies no maximum it cannot read).
 --    Declaring a function IMMUTABLE whose body changes is the point here: the body changes only by
 --    CREATE OR REPLACE, which is what invalidates the plans.
 -- 2. The first lot is drawn by an UPDATE whose target is a scalar subquery (an InitPlan) and whose
@@ -23,7 +25,7 @@
 --    statement (for the rest) runs again, one lot at a time, instead of 018's statement that read four
 --    lots through a window function: a crossing draw is nearly always one lot more, and one short
 --    statement is cheaper than the window, its sort and the two ordered aggregates (many-lot deduction
---    ~790k -> ~741k instructions, single-lot unchanged). What is written is 018's: lot_id for one lot,
+--    ~790k -> ~741k instructions before sql/020, single-lot unchanged). What is written is 018's: lot_id for one lot,
 --    lot_ids / lot_amounts for several, points_lot_consumptions for a draw the lots cannot cover.
 -- Concurrency is 011's: the balance row lock, taken first by the balance UPDATE in a statement of its
 -- own, is held by every writer of the user's lots; each lot statement after it reads with a fresh
