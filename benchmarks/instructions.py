@@ -43,16 +43,12 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from benchmarks import lots_throughput
-from benchmarks.ledger_throughput import RESULTS_DIR, UID_PREFIX, Target, _pg_bin, migration_dir, prepare
+from benchmarks.ledger_throughput import RESULTS_DIR, Target, _pg_bin, bench_uid, migration_dir, prepare
 from ledger import db
 from ledger.config import CreditsConfig
 
 WORKLOADS = ("simple_update", "deduct_points", "single_lot", "many_lots")
 USERS = 1000
-
-
-def _uid(n: int) -> str:
-    return f"{UID_PREFIX}{n:012d}"
 
 
 def calls(workload: str, n: int, seed: int) -> str:
@@ -77,7 +73,7 @@ def calls(workload: str, n: int, seed: int) -> str:
         else:  # lots_throughput's: 1..30 credits, users 1..U with one lot or U+1..2U with 50
             lo = 1 if workload == "single_lot" else USERS + 1
             user, amount = rng.randint(lo, lo + USERS - 1), rng.randint(1, lots_throughput.MAX_DEDUCTION)
-        lines.append(f"EXECUTE d('{_uid(user)}', {amount}, 'instr:{seed}:{i}')")
+        lines.append(f"EXECUTE d('{bench_uid(user)}', {amount}, 'instr:{seed}:{i}')")
     return "\n".join(lines) + "\n"
 
 
