@@ -11,12 +11,9 @@ import pytest
 
 from ledger.config import CreditsConfig, LimitsConfig
 from ledger.migrate import migrate
+from tests.audit_cases import add
 
 DEDUCT = "SELECT * FROM public.deduct_points(%s, %s, %s, 'test', %s)"
-
-
-def _fund(conn: psycopg.Connection, uid: uuid.UUID, amount: int) -> None:
-    conn.execute("SELECT * FROM public.add_points(%s, %s, 'adjustment', 'fund', %s)", (uid, amount, f"fund:{uid}"))
 
 
 def _ledger_rows(conn: psycopg.Connection, uid: uuid.UUID) -> int:
@@ -36,7 +33,7 @@ def test_the_compiled_constants_are_the_tables(conn: psycopg.Connection) -> None
 
 def test_a_lowered_maximum_holds_in_a_session_with_a_warm_plan(db_url: str, conn: psycopg.Connection) -> None:
     uid = uuid.uuid4()
-    _fund(conn, uid, 1000)
+    add(conn, uid, 1000)
     with psycopg.connect(db_url, autocommit=True) as app:
         for i in range(8):  # past plpgsql's five custom plans: the generic plan is cached in this session
             app.execute(DEDUCT, (uid, 10, "generation_deduction", f"warm:{i}"))
@@ -48,7 +45,7 @@ def test_a_lowered_maximum_holds_in_a_session_with_a_warm_plan(db_url: str, conn
         assert exc.value.sqlstate == "CR003"
         assert _ledger_rows(conn, uid) == before
         assert app.execute(DEDUCT, (uid, 5, "generation_deduction", "at")).fetchone()[0] == 1000 - 80 - 5
-    # and back up: the same session takes the raised maximum on its fast path
+    # and back up: the raised maximum takes a 10-credit deduction again
     migrate(conn, CreditsConfig())
     with psycopg.connect(db_url, autocommit=True) as app:
         assert app.execute(DEDUCT, (uid, 10, "generation_deduction", "again")).fetchone()[0] == 1000 - 95
@@ -56,7 +53,7 @@ def test_a_lowered_maximum_holds_in_a_session_with_a_warm_plan(db_url: str, conn
 
 def test_a_debit_type_added_later_is_taken_and_a_credit_type_refused(conn: psycopg.Connection) -> None:
     uid = uuid.uuid4()
-    _fund(conn, uid, 100)
+    add(conn, uid, 100)
     conn.execute(DEDUCT, (uid, 1, "generation_deduction", "warm"))
     conn.execute("INSERT INTO public.ledger_transaction_types (name, direction) VALUES ('video_render', -1)")
     assert conn.execute("SELECT public.ledger_is_debit_type('video_render')").fetchone()[0] is True
@@ -74,7 +71,7 @@ def test_a_missing_maximum_sends_every_call_to_the_slow_path(conn: psycopg.Conne
     """No setting compiles to 0, which no amount passes: the call goes down the slow path, which answers
     from the table as it always has (ledger_validate applies no maximum it cannot read)."""
     uid = uuid.uuid4()
-    _fund(conn, uid, 100)
+    add(conn, uid, 100)
     with conn.transaction():
         conn.execute("DELETE FROM public.ledger_settings WHERE name = 'max_operation_amount'")
         assert conn.execute("SELECT public.ledger_max_operation_amount()").fetchone()[0] == 0
