@@ -8,15 +8,15 @@ Why this shape:
 - Server-side work. The ledger (millions of rows) never leaves the server row by row: it arrives
   aggregated per user (sums, lifetime totals, ``balance_after`` chain breaks via a window) and per
   subscription period (grant counts). Metadata ids are validated as UUIDs in SQL.
-- COPY. Each frame is one ``COPY (SELECT ...) TO STDOUT`` in CSV, parsed by pandas' C reader: the
-  fastest path from PostgreSQL into a DataFrame available here (no per-row Python objects).
+- Binary COPY into Arrow. Each frame is one query read through ADBC's PostgreSQL driver
+  (``checks.frame_reader``): ``COPY ... (FORMAT binary)`` decoded into Arrow arrays in C, with no Python
+  object per row, on one reader connection per core.
 
 These are plain functions so the Dagster assets can wrap them one frame per asset.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -27,8 +27,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg import sql
 
+from checks import frame_reader
 from checks.lifecycle_frames import FRAMES as LIFECYCLE_FRAMES
 from checks.lifecycle_frames import QUERIES as LIFECYCLE_QUERIES
 from checks.lifecycle_frames import filtered as lifecycle_filtered
@@ -485,64 +485,42 @@ def use_system_allocator() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
 
 
-class _CopyStream(io.RawIOBase):
-    """A COPY TO STDOUT as a readable file, for Arrow's streaming CSV reader."""
-
-    def __init__(self, copy: Any) -> None:
-        self._chunks = iter(copy)
-        self._buf = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self._buf:
-            try:
-                self._buf = memoryview(next(self._chunks))
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-
-def _read_frame(conn: psycopg.Connection, name: str, params: dict[str, Any],
-                part: str | None = None) -> "pd.DataFrame":
-    """One COPY into memory, parsed by pyarrow's multithreaded CSV reader (strings stay Arrow-backed:
-    no Python object per id, which is what makes a million-user frame fit and join quickly)."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    use_system_allocator()
+def _frame_sql(cur: psycopg.ClientCursor[Any], name: str, params: dict[str, Any], part: str | None = None) -> str:
+    """The frame's query as the reader sends it: typed columns, parameters bound as literals by psycopg
+    (as its COPY always bound them, client-side), restricted to ``part`` or to the filtered users."""
     query, dtypes, dates = _QUERIES[name]
     if "bids" in params:
         query = _filtered(name)
     if part is not None:
         query = _with_part(name, query, part)
-    types = {c: getattr(pa, _ARROW_TYPES[t])() for c, t in dtypes.items()}
-    types |= {c: pa.timestamp("us", tz="UTC") for c in dates}
-    convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, true_values=["t"],
-                                   false_values=["f"])
+    return cur.mogrify(frame_reader.typed(query, dtypes, dates), params)
+
+
+def _read_frame(conn: Any, name: str, query: str) -> "pd.DataFrame":
+    """One frame over a reader connection (frame_reader), as Arrow-backed pandas columns: strings stay
+    in Arrow (no Python object per id, which is what makes a million-user frame fit and join quickly)."""
+    use_system_allocator()
+    _, dtypes, _ = _QUERIES[name]
     settings = FRAME_SETTINGS.get(name, {})
-    with conn.cursor() as cur:
-        saved = {k: cur.execute("SELECT current_setting(%s)", (k,)).fetchone()[0] for k in settings}
-        for k, v in settings.items():
-            cur.execute("SELECT set_config(%s, %s, true)", (k, v))
-        copy_sql = f"COPY ({query}) TO STDOUT WITH (FORMAT csv, HEADER true)"
-        with cur.copy(copy_sql, params) as copy:  # psycopg binds COPY parameters client-side
-            # parsed as it streams in: the CSV text is never held whole (it is larger than the table)
-            reader = pacsv.open_csv(io.BufferedReader(_CopyStream(copy), buffer_size=1 << 20),
-                                    read_options=pacsv.ReadOptions(block_size=4 << 20), convert_options=convert)
-            table = reader.read_all()
-        for k, v in saved.items():
-            cur.execute("SELECT set_config(%s, %s, true)", (k, v))
+    saved = {k: frame_reader.read_table(conn, f"SELECT current_setting({_text(k)}) AS v").column(0)[0].as_py()
+             for k in settings}
+    for k, v in settings.items():
+        frame_reader.execute(conn, f"SELECT set_config({_text(k)}, {_text(v)}, true)")
+    table = frame_reader.read_table(conn, query)
+    for k, v in saved.items():
+        frame_reader.execute(conn, f"SELECT set_config({_text(k)}, {_text(v)}, true)")
     frame = table.to_pandas()
+    del table
     for col, typ in dtypes.items():
         if typ in ("int64", "Int64") and frame[col].dtype != typ:
             frame[col] = frame[col].astype(typ)  # nullable ints arrive as float
     post = _POST.get(name)
     return post(frame) if post else frame
+
+
+def _text(value: str) -> str:
+    """A SQL string literal (standard_conforming_strings, on since PostgreSQL 9.1)."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 WORK_MEM = "512MB"  # per sort/hash node of the snapshot's queries: each ledger half sorts in memory
@@ -555,15 +533,16 @@ WORK_MEM = "512MB"  # per sort/hash node of the snapshot's queries: each ledger 
 FRAME_SETTINGS: dict[str, dict[str, str]] = {"lots_by_user": {"random_page_cost": "1.1"}}
 
 
-def _begin(conn: psycopg.Connection, snapshot_id: str | None = None) -> None:
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+def _begin(conn: Any, snapshot_id: str | None = None) -> None:
+    """Open a reader connection's transaction, on the exported snapshot when one is given."""
+    frame_reader.execute(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     if snapshot_id is not None:  # must come before any query of the transaction
-        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
-    conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(WORK_MEM)))
+        frame_reader.execute(conn, f"SET TRANSACTION SNAPSHOT {_text(snapshot_id)}")
+    frame_reader.execute(conn, f"SET LOCAL work_mem = {_text(WORK_MEM)}")
     # the snapshot already reads on `workers` connections at once (one per core here): a parallel plan's
     # extra processes only compete with them (lots_by_user's parallel scan of the ledger took 3x its
     # serial CPU for 1.5x less wall, while the other connection's ledger pass waited)
-    conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    frame_reader.execute(conn, "SET LOCAL max_parallel_workers_per_gather = 0")
 
 
 def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[str] | None = None,
@@ -595,11 +574,11 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
              and n not in (*_IDENTITY_FRAMES, "ledger_by_user", "grant_tokens")}
     ordered = [n for n in _ORDER if n in wanted and n in _QUERIES and n not in later]
     ordered += [n for n in _ORDER if n in later]  # the queue runs in this order: the background ones last
-    main = db.connect(url, autocommit=True)
-    conns: list[psycopg.Connection] = [main]
+    main = db.connect(url, autocommit=True)  # exports the snapshot and binds the parameters
+    conns: list[Any] = []  # the reader connections (frame_reader), one per worker thread
     started = 0  # connections handed to a worker thread (which closes it)
     try:
-        _begin(main)
+        main.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snap_id, taken_at = main.execute("SELECT pg_export_snapshot(), now()").fetchone()
         cutoff = as_of or taken_at
         params: dict[str, Any] = {"as_of": cutoff, "ref": cutoff, "iso": _ISO_RE, "uuid": _UUID_RE,
@@ -609,10 +588,17 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
             params["uids"] = sorted(users.points_ids | users.bestauth_ids)
 
         n_workers = max(1, min(workers if users is None else 1, len(ordered)))
-        for _ in range(n_workers - 1):
-            extra = db.connect(url, autocommit=True)
-            conns.append(extra)
-            _begin(extra, snap_id)
+        for _ in range(n_workers):
+            reader = frame_reader.connect(url)
+            conns.append(reader)
+            _begin(reader, snap_id)
+        binder = psycopg.ClientCursor(main)
+        def parts_of(n: str) -> tuple[str | None, ...]:
+            return _PARTS.get(n, (None,)) if users is None else (None,)
+
+        queries = {(n, part): _frame_sql(binder, n, params, part) for n in ordered for part in parts_of(n)}
+        main.execute("ROLLBACK")  # the readers hold the snapshot now
+        main.close()
         snapshot = Snapshot(taken_at=taken_at, as_of=as_of)
 
         # each worker thread owns one connection and pulls (frame, part) tasks from a shared queue
@@ -625,7 +611,7 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         for n in ordered:
             if n in later:
                 continue
-            parts: tuple[str | None, ...] = _PARTS.get(n, (None,)) if users is None else (None,)
+            parts = parts_of(n)
             n_parts[n] = len(parts)
             for i, part in enumerate(parts):
                 todo.put((n, i, part))
@@ -643,7 +629,7 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         if not core_left[0]:
             core_done.set()
 
-        def work(conn: psycopg.Connection, first: bool) -> None:
+        def work(conn: Any, first: bool) -> None:
             tail = iter(later_todo if first else ())
             try:
                 while not errors:
@@ -659,9 +645,9 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
                         name, i, part = task
                     t0 = time.perf_counter()
                     try:
-                        frame = _read_frame(conn, name, params, part)
+                        frame = _read_frame(conn, name, queries[(name, part)])
                     except BaseException as exc:  # noqa: BLE001 -- handed to whoever waits for it
-                        if isinstance(exc, psycopg.OperationalError):
+                        if frame_reader.is_connection_error(exc):
                             from ledger.errors import DatabaseUnavailable
                             exc = DatabaseUnavailable(f"snapshot read failed on {db.describe_url(url)}: {exc}")
                         if name in futures:
@@ -692,11 +678,7 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
                 for name, fut in futures.items():  # a worker stopped by an error: nobody reads the rest
                     if errors and not fut.done():
                         fut.set_exception(errors[0])
-                try:
-                    conn.execute("ROLLBACK")
-                except psycopg.Error:
-                    pass
-                conn.close()
+                _close_reader(conn)
 
         threads = [threading.Thread(target=work, args=(c, k == 0), name=f"snapshot-{k}", daemon=True)
                    for k, c in enumerate(conns)]
@@ -742,15 +724,23 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         snapshot.timings = {n: t for n, t in snapshot.timings.items() if n in names}
         from checks.state import release_memory
 
-        release_memory()  # the COPY text buffers are gone; give their heap back before the joins
+        release_memory()  # the read buffers are gone; give their heap back before the joins
         return snapshot
-    except psycopg.OperationalError as exc:
-        from ledger.errors import DatabaseUnavailable
-        raise DatabaseUnavailable(f"snapshot read failed on {db.describe_url(url)}: {exc}") from None
+    except Exception as exc:
+        if isinstance(exc, psycopg.OperationalError) or frame_reader.is_connection_error(exc):
+            from ledger.errors import DatabaseUnavailable
+            raise DatabaseUnavailable(f"snapshot read failed on {db.describe_url(url)}: {exc}") from None
+        raise
     finally:
+        if not main.closed:
+            main.close()
         for c in conns[started:]:  # the workers close their own
-            try:
-                c.execute("ROLLBACK")
-            except psycopg.Error:
-                pass
-            c.close()
+            _close_reader(c)
+
+
+def _close_reader(conn: Any) -> None:
+    try:
+        frame_reader.execute(conn, "ROLLBACK")
+    except Exception:  # noqa: BLE001 -- a broken connection is closed all the same
+        pass
+    conn.close()

@@ -86,10 +86,11 @@ def connect(url: str, **kwargs: object) -> psycopg.Connection:
     try:
         return psycopg.connect(url, connect_timeout=10, **kwargs)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(_unreachable(url, exc)) from None
+        raise DatabaseUnavailable(unreachable(url, exc)) from None
 
 
-def _unreachable(url: str, exc: Exception) -> str:
+def unreachable(url: str, exc: Exception) -> str:
+    """One line naming host and database and the driver's reason (never the password)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     reason = lines[0] if lines else type(exc).__name__
     # "connection failed: connection to server at "h", port p failed: REASON" -> REASON
@@ -118,8 +119,8 @@ def open_pool(url: str, max_size: int = 10, min_size: int = 1) -> ConnectionPool
         try:  # one direct attempt for the real reason
             psycopg.connect(url, connect_timeout=5).close()
         except psycopg.OperationalError as inner:
-            raise DatabaseUnavailable(_unreachable(url, inner)) from None
-        raise DatabaseUnavailable(_unreachable(url, exc)) from None
+            raise DatabaseUnavailable(unreachable(url, inner)) from None
+        raise DatabaseUnavailable(unreachable(url, exc)) from None
     return pool
 
 

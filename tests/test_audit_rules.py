@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
@@ -346,16 +347,23 @@ def test_frame_settings_hold_for_their_frame_only(db_url, conn, config):
 
     paid_user(conn, spend=300)
     assert snapshot_module.FRAME_SETTINGS["lots_by_user"]["random_page_cost"] != "4"
-    with snapshot_module.db.connect(db_url, autocommit=True) as c:
+    from checks import frame_reader
+
+    c = frame_reader.connect(db_url)
+    try:
         snapshot_module._begin(c)
-        before = c.execute("SELECT current_setting('random_page_cost')").fetchone()[0]
+        setting = "SELECT current_setting('random_page_cost') AS v"
+        before = frame_reader.read_table(c, setting).column(0)[0].as_py()
         now = datetime.now(timezone.utc)
-        frame = snapshot_module._read_frame(c, "lots_by_user", {"as_of": now, "ref": now, "live": True,
-                                                               "iso": snapshot_module._ISO_RE,
-                                                               "uuid": snapshot_module._UUID_RE})
+        params = {"as_of": now, "ref": now, "live": True, "iso": snapshot_module._ISO_RE, "uuid": snapshot_module._UUID_RE}
+        with snapshot_module.db.connect(db_url) as binder_conn:
+            query = snapshot_module._frame_sql(psycopg.ClientCursor(binder_conn), "lots_by_user", params)
+        frame = snapshot_module._read_frame(c, "lots_by_user", query)
         assert len(frame) == 1
-        assert c.execute("SELECT current_setting('random_page_cost')").fetchone()[0] == before == "4"
-        c.execute("ROLLBACK")
+        assert frame_reader.read_table(c, setting).column(0)[0].as_py() == before == "4"
+        frame_reader.execute(c, "ROLLBACK")
+    finally:
+        c.close()
 
 
 def test_orphan_points_ids_in_the_state(db_url, conn, config):
