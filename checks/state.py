@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from checks.frame_reader import arrow_strings
 from ledger.config import PAID_STATUSES, CreditsConfig
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class IdCodes:
         present = [(f, c) for f, c in _ID_COLUMNS if f in snapshot.frames]
         chunks, sizes = [], []
         for frame, col in present:
-            arr = self._arrow(snapshot.frames[frame][col])
+            arr = arrow_strings(snapshot.frames[frame][col])
             chunks.extend(arr.chunks)
             sizes.append(len(arr))
         everything = pa.chunked_array(chunks, type=pa.large_string())
@@ -72,15 +73,6 @@ class IdCodes:
                                  for c in encoded.chunks]) if encoded.num_chunks else np.zeros(0, "int64"))
         bounds = np.cumsum([0, *sizes])
         self.codes = {key: codes[bounds[i]:bounds[i + 1]] for i, key in enumerate(present)}
-
-    @staticmethod
-    def _arrow(series: "pd.Series") -> Any:
-        import pyarrow as pa
-
-        arr = pa.array(series)  # pandas' Arrow-backed str columns are large_string: no copy
-        if isinstance(arr, pa.Array):
-            arr = pa.chunked_array([arr])
-        return arr if arr.type == pa.large_string() else arr.cast(pa.large_string())
 
     def code(self, frame: str, column: str) -> "np.ndarray":
         return self.codes[(frame, column)]
