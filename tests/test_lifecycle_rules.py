@@ -219,3 +219,28 @@ def test_lifecycle_rules_find_faults_spare_lookalikes_and_fix(db_url: str, conn:
     assert not again.fixes and again.after is None
     replay = apply_fixes(db_url, config, report.plan, live=True, max_fixes=10, actor="test:replay")
     assert replay.applied == 0 and replay.failed == 0  # the old plan again: each fix already done
+
+
+def test_lots_join_matches_pandas_outer_merge() -> None:
+    """lots_consistent's join of users and lots equals pandas' outer merge on user_id: the same rows,
+    order (by user id), dtypes (a missing int is NaN) and index, with users or lots on one side only."""
+    import random
+
+    import numpy as np
+    import pandas as pd
+
+    from checks.rules.lots_consistent import _outer_join
+
+    rng = random.Random(7)
+    ids = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(3000)]
+    left_ids, right_ids = ids[:2000], ids[500:2500]
+    rng.shuffle(left_ids)
+    rng.shuffle(right_ids)
+    users = pd.DataFrame({"user_id": pd.array(left_ids, dtype="str"), "ledger_sum": np.arange(2000)},
+                         index=np.arange(2000) * 3)  # a filtered state keeps its own index
+    lots = pd.DataFrame({"user_id": pd.array(right_ids, dtype="str"), "lots": np.arange(2000),
+                         "bad_lot_detail": pd.array([None if i % 3 else f"d{i}" for i in range(2000)], dtype="str")})
+    cases = [(users, lots), (users, lots[lots["user_id"].isin(users["user_id"])]),
+             (users.iloc[0:0], lots), (users, lots.iloc[0:0])]
+    for left, right in cases:
+        pd.testing.assert_frame_equal(_outer_join(left, right), left.merge(right, on="user_id", how="outer"))

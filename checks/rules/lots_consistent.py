@@ -34,20 +34,39 @@ def _lot(detail: str) -> dict[str, int]:
 
 
 def _outer_join(left: "pd.DataFrame", right: "pd.DataFrame") -> "pd.DataFrame":
-    """``left.merge(right, on="user_id", how="outer")``, rows in the same (user id) order, by Arrow's hash
-    join: 1.6 against 2.7 s for 600k users a side (pandas factorises and sorts the string keys in Python-
-    level passes; Acero hashes them in C++ on both cores)."""
+    """``left.merge(right, on="user_id", how="outer")`` (both sides unique on user_id): the same rows in
+    the same (user id) order, built by one hash lookup of the keys and one sort of them instead of
+    pandas' merge (~2x less time for 600k users a side, and no more memory)."""
+    import numpy as np
+    import pandas as pd
     import pyarrow as pa
+    import pyarrow.compute as pc
+    from pandas.api.extensions import take
 
     from checks.frame_reader import arrow_strings
 
-    def table(frame: "pd.DataFrame") -> pa.Table:
-        t = pa.Table.from_pandas(frame, preserve_index=False)
-        return t.set_column(t.schema.get_field_index("user_id"), "user_id", arrow_strings(frame["user_id"]))
+    at = pd.Index(right["user_id"]).get_indexer(left["user_id"])  # left row -> its right row, or -1
+    matched = np.zeros(len(right), dtype=bool)
+    matched[at[at >= 0]] = True
+    extra = np.flatnonzero(~matched)  # right rows no left row has
+    keys = pa.chunked_array(arrow_strings(left["user_id"]).chunks
+                            + [arrow_strings(right["user_id"]).take(pa.array(extra)).combine_chunks()])
+    order = pc.sort_indices(keys).to_numpy().astype("int64")
+    n = len(left)
+    left_pos = np.where(order < n, order, -1)  # result row -> left row, or -1
+    right_pos = np.where(order < n, at[np.minimum(order, n - 1)] if n else -1,
+                         extra[np.maximum(order - n, 0)] if len(extra) else -1)
 
-    joined = table(left).join(table(right), keys="user_id", join_type="full outer", coalesce_keys=True)
-    order = [c for c in left.columns] + [c for c in right.columns if c != "user_id"]
-    return joined.sort_by("user_id").select(order).to_pandas()
+    def gather(col: "pd.Series", pos: "np.ndarray") -> Any:
+        values = col.array if not isinstance(col.dtype, np.dtype) else col.to_numpy()
+        if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iu" and (pos < 0).any():
+            values = values.astype("float64")  # as merge does: a missing int is NaN
+        return take(values, pos, allow_fill=True)
+
+    out = {"user_id": keys.take(pa.array(order)).to_pandas(types_mapper=None).astype(left["user_id"].dtype)}
+    out |= {c: gather(left[c], left_pos) for c in left.columns if c != "user_id"}
+    out |= {c: gather(right[c], right_pos) for c in right.columns if c != "user_id"}
+    return pd.DataFrame(out, index=pd.RangeIndex(len(order)))
 
 
 class LotsConsistent(Rule):
