@@ -41,9 +41,9 @@ def _outer_join(left: "pd.DataFrame", right: "pd.DataFrame") -> "pd.DataFrame":
     import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
-    from pandas.api.extensions import take
 
     from checks.frame_reader import arrow_strings
+    from checks.state import _gather
 
     at = pd.Index(right["user_id"]).get_indexer(left["user_id"])  # left row -> its right row, or -1
     matched = np.zeros(len(right), dtype=bool)
@@ -57,15 +57,10 @@ def _outer_join(left: "pd.DataFrame", right: "pd.DataFrame") -> "pd.DataFrame":
     right_pos = np.where(order < n, at[np.minimum(order, n - 1)] if n else -1,
                          extra[np.maximum(order - n, 0)] if len(extra) else -1)
 
-    def gather(col: "pd.Series", pos: "np.ndarray") -> Any:
-        values = col.array if not isinstance(col.dtype, np.dtype) else col.to_numpy()
-        if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iu" and (pos < 0).any():
-            values = values.astype("float64")  # as merge does: a missing int is NaN
-        return take(values, pos, allow_fill=True)
-
     out = {"user_id": keys.take(pa.array(order)).to_pandas(types_mapper=None).astype(left["user_id"].dtype)}
-    out |= {c: gather(left[c], left_pos) for c in left.columns if c != "user_id"}
-    out |= {c: gather(right[c], right_pos) for c in right.columns if c != "user_id"}
+    # a missing int becomes NaN, as in merge (pandas' take upcasts)
+    out |= {c: _gather(left[c], left_pos) for c in left.columns if c != "user_id"}
+    out |= {c: _gather(right[c], right_pos) for c in right.columns if c != "user_id"}
     return pd.DataFrame(out, index=pd.RangeIndex(len(order)))
 
 
