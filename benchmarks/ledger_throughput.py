@@ -60,6 +60,9 @@ SELECT * FROM public.deduct_points({UID_SQL}, 1, 'generation_deduction', 'bench'
 """
 
 
+FUND_CHUNK = 5_000  # users funded per statement (see prepare)
+
+
 def bench_uid(n: int) -> uuid.UUID:
     return uuid.UUID(f"{UID_PREFIX}{n:012d}")
 
@@ -150,15 +153,23 @@ def prepare(target: Target, users: int, config: CreditsConfig, skip: list[str], 
     sql_dir = migration_dir(skip, workdir)
     with psycopg.connect(target.url, autocommit=True) as conn:
         migrate(conn, config, sql_dir=sql_dir)
-        # Balances that cannot run out, within the per-operation maximum: several grants per user.
-        per_grant = config.limits.max_operation_amount
-        grants = 10
-        conn.execute(
-            f"""SELECT count(*) FROM generate_series(1, %(users)s) n, generate_series(1, %(grants)s) g,
-                   LATERAL public.add_points({UID_SQL.replace(':n', 'n')}, %(amount)s, 'adjustment',
-                                             'bench funding', 'bench-fund:' || n || ':' || g) f""",
-            {"users": users, "grants": grants, "amount": per_grant},
-        )
+    # Balances that cannot run out, within the per-operation maximum: ten grants per user for the
+    # default 1,000 users (as every earlier run had), one each from 10,000 users on (a run deducts well
+    # under a million credits in all). Funded FUND_CHUNK users at a time, each chunk on a new connection
+    # after ANALYZE: the functions' cached plans, made while the tables were empty, scan them whole,
+    # which made one statement for pgbench's 100,000 rows run for many minutes.
+    per_grant = config.limits.max_operation_amount
+    grants = max(1, min(10, 10_000 // users))
+    for first in range(1, users + 1, FUND_CHUNK):
+        with psycopg.connect(target.url, autocommit=True) as conn:
+            conn.execute(
+                f"""SELECT count(*) FROM generate_series(%(first)s::int, %(last)s::int) n, generate_series(1, %(grants)s) g,
+                       LATERAL public.add_points({UID_SQL.replace(':n', 'n')}, %(amount)s, 'adjustment',
+                                                 'bench funding', 'bench-fund:' || n || ':' || g) f""",
+                {"first": first, "last": min(users, first + FUND_CHUNK - 1), "grants": grants, "amount": per_grant},
+            )
+            conn.execute("ANALYZE public.points_balances, public.points_transactions, public.points_lots")
+    with psycopg.connect(target.url, autocommit=True) as conn:
         settings = dict(conn.execute(
             """SELECT name, setting || coalesce(unit, '') FROM pg_settings
                 WHERE name IN ('server_version', 'max_connections', 'shared_buffers', 'fsync',
