@@ -609,10 +609,10 @@ SELECT l.id, l.user_id, l.amount, l.balance_after, l.transaction_type, l.descrip
 """
 
 _BULK_INSERT_LOTS = """
-INSERT INTO public.points_lots (id, user_id, source_type, granted, remaining, priority, expires_at,
+INSERT INTO public.points_lots (id, user_id, source_type, granted, remaining, spent, priority, expires_at,
                                 rollover_cap, rollover_until, created_at)
-SELECT o.id, o.user_id, o.source_type, o.granted, o.granted - coalesce(d.drawn, 0), o.priority, o.expires_at,
-       o.rollover_cap, o.rollover_until, now()
+SELECT o.id, o.user_id, o.source_type, o.granted, o.granted - coalesce(d.drawn, 0),
+       o.granted = coalesce(d.drawn, 0), o.priority, o.expires_at, o.rollover_cap, o.rollover_until, now()
   FROM seed_lots o
   LEFT JOIN (SELECT x.lot_id, sum(x.amount) AS drawn FROM seed_draw_lots x GROUP BY x.lot_id) d ON d.lot_id = o.id
  ORDER BY o.id;
@@ -828,7 +828,7 @@ _LIFECYCLE = (
     """,
     # a lot whose remaining no longer agrees with its draws (a bug that updated it behind the ledger)
     """
-    UPDATE public.points_lots l SET remaining = l.remaining + 25
+    UPDATE public.points_lots l SET remaining = l.remaining + 25, spent = false
       FROM seed_users u
      WHERE u.life = 'lot_drift' AND l.id = (SELECT max(x.id) FROM public.points_lots x WHERE x.user_id = u.pid)
     """,

@@ -172,6 +172,9 @@ def _check_database(conn: psycopg.Connection, users: list[uuid.UUID], model: Mod
     count = conn.execute("SELECT count(*) FROM public.points_transactions WHERE user_id = ANY (%s)",
                          (users,)).fetchone()[0]
     assert count == model.rows  # one row per successful write: no duplicate, nothing lost
+    # the functions keep the draw index's flag in step with remaining (sql/022: no longer generated)
+    assert conn.execute("SELECT array_agg(id) FROM public.points_lots WHERE user_id = ANY (%s) "
+                        "AND spent <> (remaining = 0)", (users,)).fetchone()[0] is None
     statuses = dict(conn.execute(
         "SELECT job_id, status FROM public.points_reservations WHERE job_id LIKE %s", (jobs_prefix + "%",)).fetchall())
     assert statuses == {job: h.status for job, h in model.holds.items()}
