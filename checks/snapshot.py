@@ -110,14 +110,13 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
     # index-only scan of points_transactions_user_idx (sql/016 covers amount, balance_after, created_at),
     # already in (user_id, id) order: no sort of the ledger.
     #
-    # Every grant (and every audit reversal of a duplicate) comes as a token
-    # "subscription|period|id|amount|canonical|kind|reversed id", from which period_grants is built
-    # client-side (_period_grants); the tokens are read from the grant and fix rows only (the partial
-    # (transaction_type, created_at) index of sql/014), one string per user (grant_tokens). A row belongs to the period its
-    # key names (subscription_grant:<sub>:<date>), else to the one its metadata names (subscription_id +
-    # period_start: a webhook retry under another key); rows naming neither get an empty subscription and
-    # period. Separators are stripped from the key parts with replace, not translate (same result; the
-    # query took 5.9 s with translate, 3.4-3.7 s with replace, at 1M users).
+    # Every grant (and every audit reversal of a duplicate) comes as one typed row of grant_ledger, from
+    # which period_grants is built client-side (_period_grants); those rows are read from the grant and fix
+    # rows only (the partial (transaction_type, created_at) index of sql/014). A row belongs to the period
+    # its key names (subscription_grant:<sub>:<date>), else to the one its metadata names (subscription_id +
+    # period_start: a webhook retry under another key); rows naming neither get no subscription and no
+    # period. Spaces and '|' are stripped from the key parts (as when the rows travelled as '|'-separated
+    # tokens), so a key reads as the same period it did then.
     "ledger_by_user": (
         """SELECT c.user_id::text AS user_id, c.ledger_rows, c.ledger_sum, c.ledger_earned, c.ledger_spent, c.chain_breaks,
                   c.first_break_id, c.last_balance_after, c.last_transaction_id
@@ -138,37 +137,44 @@ _QUERIES: dict[str, tuple[str, dict[str, str], list[str]]] = {
          "ledger_spent": "int64", "chain_breaks": "int64", "first_break_id": "Int64",
          "last_balance_after": "int64", "last_transaction_id": "int64"}, [],
     ),
-    # the grant tokens above, read on their own: once, not once per half of the ledger pass (each half
-    # read every grant row's page and kept its half)
-    "grant_tokens": (
-        """SELECT p.user_id::text AS user_id,
-               string_agg(coalesce(g.sub, '') || '|' || coalesce(g.per, '') || '|' || p.id::text || '|'
-                          || p.amount::text || '|'
-                          || CASE WHEN p.idempotency_key = 'subscription_grant:' || g.sub || ':' || g.per
-                                  THEN '1' ELSE '0' END
-                          || '|' || k.kind || '|'
-                          || CASE WHEN k.kind = 'r' AND p.metadata ->> 'reverses_transaction_id' ~ '^[0-9]{1,19}$'
-                                  THEN p.metadata ->> 'reverses_transaction_id' ELSE '' END, ' ' ORDER BY p.id)
-                   AS grant_tokens
-          FROM public.points_transactions p
-         CROSS JOIN LATERAL (
-               SELECT CASE WHEN p.transaction_type = 'subscription_grant' THEN 'g'
-                           WHEN p.transaction_type = 'reconciliation_fix'
-                                AND p.metadata ? 'reverses_transaction_id' THEN 'r' END AS kind) k
-         CROSS JOIN LATERAL (
-               SELECT CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
-                           THEN replace(replace(lower(split_part(p.idempotency_key, ':', 2)), ' ', ''), '|', '')
-                           WHEN p.metadata ->> 'subscription_id' ~* %(uuid)s
-                           THEN lower(p.metadata ->> 'subscription_id') END AS sub,
-                      CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
-                           THEN replace(replace(split_part(p.idempotency_key, ':', 3), ' ', ''), '|', '')
-                           WHEN p.metadata ->> 'period_start' ~ %(iso)s
-                           THEN to_char((p.metadata ->> 'period_start')::timestamptz
-                                        AT TIME ZONE 'UTC', 'YYYY-MM-DD') END AS per) g
-         WHERE p.created_at <= %(as_of)s
-           AND p.transaction_type IN ('subscription_grant', 'reconciliation_fix') AND k.kind IS NOT NULL
-         GROUP BY p.user_id""",
-        {"user_id": "str", "grant_tokens": "str"}, [],
+    # the grant and reversal rows (see above), read on their own: once, not once per half of the ledger
+    # pass (each half read every grant row's page and kept its half). Typed columns, one row per ledger
+    # row, sorted so that each period's rows are adjacent (user, subscription, period, then id; "C" order
+    # is memcmp, and any order keeps equal keys together): _period_grants then groups by runs, with no
+    # hash of string keys (Arrow's group_by on the three took ~1 s at 1M users). They came as one
+    # "sub|period|id|..." token string per user before, split again on the client: building the strings
+    # was most of the query (3.6-4.0 s against 2.0-2.4 s for these rows, EXPLAIN ANALYZE at 1M users).
+    # OFFSET 0 keeps the inner query a query of its own: flattened, the planner copied each key part's
+    # expression into every place that names it (the canonical test, the sort keys), 4-5 evaluations.
+    "grant_ledger": (
+        """SELECT r.user_id::text AS user_id, nullif(r.sub, '') AS subscription_id, nullif(r.per, '') AS period_date,
+                  r.id, r.amount, r.kind = 'g' AS is_grant,
+                  coalesce(r.idempotency_key = 'subscription_grant:' || r.sub || ':' || r.per, false) AS canonical,
+                  r.reverses
+             FROM (SELECT p.user_id, p.id, p.amount, p.idempotency_key, k.kind, g.sub, g.per,
+                          CASE WHEN k.kind = 'r' AND p.metadata ->> 'reverses_transaction_id' ~ '^[0-9]{1,19}$'
+                               THEN p.metadata ->> 'reverses_transaction_id' END AS reverses
+                     FROM public.points_transactions p
+                    CROSS JOIN LATERAL (
+                          SELECT CASE WHEN p.transaction_type = 'subscription_grant' THEN 'g'
+                                      WHEN p.transaction_type = 'reconciliation_fix'
+                                           AND p.metadata ? 'reverses_transaction_id' THEN 'r' END AS kind) k
+                    CROSS JOIN LATERAL (
+                          SELECT CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
+                                      THEN replace(replace(lower(split_part(p.idempotency_key, ':', 2)), ' ', ''), '|', '')
+                                      WHEN p.metadata ->> 'subscription_id' ~* %(uuid)s
+                                      THEN lower(p.metadata ->> 'subscription_id') END AS sub,
+                                 CASE WHEN p.idempotency_key LIKE 'subscription_grant:%%'
+                                      THEN replace(replace(split_part(p.idempotency_key, ':', 3), ' ', ''), '|', '')
+                                      WHEN p.metadata ->> 'period_start' ~ %(iso)s
+                                      THEN to_char((p.metadata ->> 'period_start')::timestamptz
+                                                   AT TIME ZONE 'UTC', 'YYYY-MM-DD') END AS per) g
+                    WHERE p.created_at <= %(as_of)s
+                      AND p.transaction_type IN ('subscription_grant', 'reconciliation_fix') AND k.kind IS NOT NULL
+                   OFFSET 0) r
+            ORDER BY r.user_id, nullif(r.sub, '') COLLATE "C", nullif(r.per, '') COLLATE "C", r.id""",
+        {"user_id": "str", "subscription_id": "str", "period_date": "str", "id": "int64", "amount": "int64",
+         "is_grant": "bool", "canonical": "bool", "reverses": "str"}, [],
     ),
     "failed_deductions": (
         """SELECT f.user_id::text AS user_id, count(*) AS failures_last_hour, sum(f.amount) AS failed_amount,
@@ -192,7 +198,7 @@ _FILTERS: dict[str, str] = {
     "subscriptions": "s.user_id = ANY(%(bids)s::uuid[])",
     "points_balances": "b.user_id = ANY(%(uids)s::uuid[])",
     "ledger_by_user": "p.user_id = ANY(%(uids)s::uuid[])",
-    "grant_tokens": "p.user_id = ANY(%(uids)s::uuid[])",
+    "grant_ledger": "p.user_id = ANY(%(uids)s::uuid[])",
     "failed_deductions": "f.user_id = ANY(%(uids)s::uuid[])",
 }
 _WHERE_ANCHORS: dict[str, tuple[str, str]] = {  # where the filter goes: (text to find, 'after'|'where')
@@ -201,7 +207,7 @@ _WHERE_ANCHORS: dict[str, tuple[str, str]] = {  # where the filter goes: (text t
     "subscriptions": ("FROM public.subscriptions_consolidated s", "where"),
     "points_balances": ("FROM public.points_balances b", "where"),
     "ledger_by_user": ("WHERE p.created_at <= %(as_of)s", "and"),
-    "grant_tokens": ("WHERE p.created_at <= %(as_of)s", "and"),
+    "grant_ledger": ("WHERE p.created_at <= %(as_of)s", "and"),
     "failed_deductions": ("AND f.created_at <= %(ref)s", "and"),
 }
 
@@ -216,7 +222,7 @@ def _filtered(name: str) -> str:
     return query.replace(anchor, anchor + extra)
 
 # the two heavy reads go first, one per server core; the light ones follow on whichever finishes first
-_ORDER = ("ledger_by_user", "grant_tokens", "lots_by_user", "identity", "subscriptions", "bestauth_users", "user_id_mapping",
+_ORDER = ("ledger_by_user", "grant_ledger", "lots_by_user", "identity", "subscriptions", "bestauth_users", "user_id_mapping",
           "points_balances", "failed_deductions", "refunds", "plan_change_grants")
 
 Progress = Callable[[str, int, float], None]  # (frame name, rows, seconds)
@@ -346,92 +352,63 @@ PERIOD_GRANT_COLUMNS = ("user_id", "subscription_id", "period_date", "grants", "
                         "canonical", "grant_rows", "reversed_ids")
 
 
-_GRANT_CHUNK = 50_000  # users per slice: a period belongs to one points id, so slices never split a group
-
-
-def _period_grants(ledger: "pd.DataFrame") -> "pd.DataFrame":
-    """period_grants from the grant_tokens read (user_id, grant_tokens), a slice of users at a time
-    (bounded memory)."""
-    import pandas as pd
-
-    if len(ledger) <= _GRANT_CHUNK:
-        return _period_grants_slice(ledger)
-    parts = [_period_grants_slice(ledger.iloc[i:i + _GRANT_CHUNK]) for i in range(0, len(ledger), _GRANT_CHUNK)]
-    return pd.concat(parts, ignore_index=True)
-
-
-def _period_grants_slice(ledger: "pd.DataFrame") -> "pd.DataFrame":
-    """Grants (and audit reversals) per (points id, subscription, period), from the grant_tokens read.
+def _period_grants(rows: "pd.DataFrame") -> "pd.DataFrame":
+    """Grants (and audit reversals) per (points id, subscription, period), from the grant_ledger rows.
 
     grants/granted: count and credits of subscription_grant rows; reversals/reversed: the audit's
     reversal rows and the credits they took back; canonical: a row under the period's own key.
     grant_rows ("id:amount:canonical" per grant) and reversed_ids are spelled out only for periods with
     more than one grant or any reversal: the only ones a rule looks into.
+
+    The rows arrive sorted by (user, subscription, period, id), so a period is a run of adjacent rows:
+    a new run starts wherever a key differs from the row before (a missing subscription or period is a
+    key of its own), and the sums are ``reduceat`` over the runs.
     """
+    import numpy as np
     import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    empty = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("grants", "granted", "reversals", "reversed")
-                                       else "bool" if c == "canonical" else "str") for c in PERIOD_GRANT_COLUMNS})
-    if ledger.empty:
-        return empty
-    tokens = pa.array(ledger["grant_tokens"], type=pa.string())
-    lists = pc.split_pattern(tokens, " ")
-    parents = pc.list_parent_indices(lists)
-    flat = pc.list_flatten(lists)
-    if len(flat) == 0:
-        return empty
-    fields = pc.split_pattern(flat, "|")
-    part = [pc.list_element(fields, i) for i in range(7)]
-    null_str = pa.scalar(None, pa.string())
-    sub = pc.if_else(pc.equal(part[0], ""), null_str, part[0])
-    per = pc.if_else(pc.equal(part[1], ""), null_str, part[1])
-    amount = pc.cast(part[3], pa.int64())
-    is_grant = pc.equal(part[5], "g")
-    zero = pa.scalar(0, pa.int64())
-    table = pa.table({
-        "user_id": pa.array(ledger["user_id"], type=pa.string()).take(parents),
-        "subscription_id": sub, "period_date": per,
-        "g": pc.cast(is_grant, pa.int64()), "r": pc.cast(pc.invert(is_grant), pa.int64()),
-        "g_amount": pc.if_else(is_grant, amount, zero), "r_amount": pc.if_else(is_grant, zero, pc.negate(amount)),
-        "canonical": pc.equal(part[4], "1"),
-    })
-    agg = table.group_by(["user_id", "subscription_id", "period_date"], use_threads=False).aggregate(
-        [("g", "sum"), ("g_amount", "sum"), ("r", "sum"), ("r_amount", "sum"), ("canonical", "any")])
-    frame = agg.rename_columns(["user_id", "subscription_id", "period_date", "grants", "granted", "reversals",
-                                "reversed", "canonical"]).to_pandas()
-    frame["grant_rows"] = None
-    frame["reversed_ids"] = None
-    detail = (frame["grants"] > 1) | (frame["reversals"] > 0)
-    if detail.any():
-        # only the few tokens of those periods become Python rows
-        def key(u: Any, sid: Any, d: Any) -> Any:
-            parts_ = [pc.fill_null(pc.cast(x, pa.string()), "") for x in (u, sid, d)]
-            return pc.binary_join_element_wise(*parts_, "|")
-
-        wanted = pa.Table.from_pandas(frame.loc[detail, ["user_id", "subscription_id", "period_date"]],
-                                      preserve_index=False)
-        mask = pc.is_in(key(table["user_id"], sub, per),
-                        value_set=key(wanted["user_id"], wanted["subscription_id"], wanted["period_date"]))
-        rows = pa.table({"user_id": table["user_id"], "subscription_id": sub, "period_date": per, "id": part[2],
-                         "amount": part[3], "canonical": part[4], "kind": part[5], "reverses": part[6]}
-                        ).filter(mask).to_pandas()
-        spelled: dict[tuple[Any, Any, Any], list[list[str]]] = {}
-        for u, sid, d, tx, amt, canon, kind, rev in rows.itertuples(index=False, name=None):
-            entry = spelled.setdefault((u, sid, d), [[], []])
-            if kind == "g":
-                entry[0].append(f"{tx}:{amt}:{canon}")
-            elif rev:
-                entry[1].append(rev)
-        idx = frame.index[detail]
-        got = [spelled.get(k, [[], []]) for k in frame.loc[detail, ["user_id", "subscription_id", "period_date"]]
-               .itertuples(index=False, name=None)]
-        frame.loc[idx, "grant_rows"] = [" ".join(g) or None for g, _ in got]
-        frame.loc[idx, "reversed_ids"] = [" ".join(r) or None for _, r in got]
-    for col in ("grants", "granted", "reversals", "reversed"):
-        frame[col] = frame[col].astype("int64")
-    frame["canonical"] = frame["canonical"].astype(bool)
+    if rows.empty:
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("grants", "granted", "reversals", "reversed")
+                                          else "bool" if c == "canonical" else "str") for c in PERIOD_GRANT_COLUMNS})
+    keys = ["user_id", "subscription_id", "period_date"]
+    n = len(rows)
+    key_arrays = {k: frame_reader.arrow_strings(rows[k], pa.string()) for k in keys}
+    starts_mask = np.zeros(n, dtype=bool)
+    starts_mask[0] = True
+    for arr in key_arrays.values():
+        # '' never occurs (the query turns it into NULL), so it stands for the missing key
+        filled = pc.fill_null(arr, "")
+        starts_mask[1:] |= pc.not_equal(filled[1:], filled[:-1]).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(starts_mask)
+    is_grant = rows["is_grant"].to_numpy(dtype=bool)
+    amount = rows["amount"].to_numpy(dtype="int64")
+    grants = np.add.reduceat(is_grant.astype("int64"), starts)
+    reversals = np.add.reduceat((~is_grant).astype("int64"), starts)
+    granted = np.add.reduceat(np.where(is_grant, amount, 0), starts)
+    reversed_ = np.add.reduceat(np.where(is_grant, 0, -amount), starts)
+    canonical = np.logical_or.reduceat(rows["canonical"].to_numpy(dtype=bool), starts)
+    at = pa.array(starts)
+    frame = pa.table({k: arr.take(at) for k, arr in key_arrays.items()}).to_pandas()
+    frame["grants"], frame["granted"], frame["reversals"], frame["reversed"] = grants, granted, reversals, reversed_
+    frame["canonical"] = canonical
+    grant_rows: list[str | None] = [None] * len(starts)
+    reversed_ids: list[str | None] = [None] * len(starts)
+    ends = np.append(starts[1:], n)
+    detail = np.flatnonzero((grants > 1) | (reversals > 0))
+    if len(detail):
+        # only the rows of those periods become Python values
+        ids, canon, revs = rows["id"].to_numpy(), rows["canonical"].to_numpy(dtype=bool), rows["reverses"]
+        for g in detail:
+            lo, hi = int(starts[g]), int(ends[g])
+            spelled = [f"{ids[i]}:{amount[i]}:{1 if canon[i] else 0}" for i in range(lo, hi) if is_grant[i]]
+            undone = [r for i, r in zip(range(lo, hi), revs.iloc[lo:hi], strict=True)
+                      if not is_grant[i] and isinstance(r, str) and r]
+            grant_rows[g] = " ".join(spelled) or None
+            reversed_ids[g] = " ".join(undone) or None
+    frame["grant_rows"] = pd.Series(grant_rows, dtype="object")
+    frame["reversed_ids"] = pd.Series(reversed_ids, dtype="object")
     return frame[list(PERIOD_GRANT_COLUMNS)]
 
 
@@ -563,12 +540,12 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
         raise InvalidArgument(f"unknown snapshot frame(s): {', '.join(unknown)} (known: {', '.join(SNAPSHOT_TABLES)})")
     if as_of is not None and as_of.tzinfo is None:
         raise InvalidArgument("as_of must be timezone-aware")
-    # period_grants is built from the grant and fix rows' tokens (grant_tokens)
-    wanted = set(names) | ({"grant_tokens"} if "period_grants" in names else set())
+    # period_grants is built from the grant and fix rows (grant_ledger)
+    wanted = set(names) | ({"grant_ledger"} if "period_grants" in names else set())
     if users is None and wanted & set(_IDENTITY_FRAMES):
         wanted = (wanted - set(_IDENTITY_FRAMES)) | {"identity"}
     later = {n for n in background if n in names and n in _QUERIES
-             and n not in (*_IDENTITY_FRAMES, "ledger_by_user", "grant_tokens")}
+             and n not in (*_IDENTITY_FRAMES, "ledger_by_user", "grant_ledger")}
     ordered = [n for n in _ORDER if n in wanted and n in _QUERIES and n not in later]
     ordered += [n for n in _ORDER if n in later]  # the queue runs in this order: the background ones last
     main = db.connect(url, autocommit=True)  # exports the snapshot and binds the parameters
@@ -707,13 +684,13 @@ def take_snapshot(url: str, *, as_of: datetime | None = None, tables: Iterable[s
             from checks.state import release_memory
 
             release_memory()  # the joined read is gone: hand its memory back before the grants are built
-        if "grant_tokens" in snapshot.frames:
+        if "grant_ledger" in snapshot.frames:
             # built here, once the identity read's memory is back, not by the reader thread right after its
             # read: that overlaps the build's temporaries with the identity read's (a higher peak RSS)
             t0 = time.perf_counter()
-            snapshot.frames["period_grants"] = _period_grants(snapshot.frames.pop("grant_tokens"))
-            # the tokens' read and what is built from them
-            snapshot.timings["period_grants"] = time.perf_counter() - t0 + snapshot.timings.pop("grant_tokens", 0.0)
+            snapshot.frames["period_grants"] = _period_grants(snapshot.frames.pop("grant_ledger"))
+            # the rows' read and what is built from them
+            snapshot.timings["period_grants"] = time.perf_counter() - t0 + snapshot.timings.pop("grant_ledger", 0.0)
             if progress:
                 progress("period_grants", len(snapshot.frames["period_grants"]), snapshot.timings["period_grants"])
         snapshot.frames = {n: snapshot.frames[n] for n in names if n not in later}

@@ -307,6 +307,27 @@ def test_period_grants_from_the_ledger_pass(db_url, conn, config):
     assert led["ledger_sum"] == snap.table("ledger_by_user").set_index("user_id").loc[str(pid), "ledger_sum"]
 
 
+def test_period_grants_group_interleaved_periods(db_url, conn, config):
+    """A period's rows need not be adjacent in id order (a late retry of an earlier period): the grant rows
+    are grouped by period all the same, one period_grants row per period, its rows spelled in id order."""
+    case = paid_user(conn, grant=False)
+    pid, sub, amount = case["pid"], case["sub"], case["amount"]
+    prev = {**sub, "start": sub["start"] - timedelta(days=30), "end": sub["start"]}
+    earlier = grant_period(conn, pid, prev, amount)                      # 1: previous period, its key
+    current = grant_period(conn, pid, sub, amount)                       # 2: current period, its key
+    retry_cur = grant_period(conn, pid, sub, amount, key=f"evt-{uuid.uuid4()}")    # 3: current, a retry
+    retry_prev = grant_period(conn, pid, prev, amount, key=f"evt-{uuid.uuid4()}")  # 4: previous, a late retry
+    pg = take_snapshot(db_url, tables=["period_grants"]).table("period_grants")
+    mine = pg[pg["user_id"] == str(pid)]
+    assert len(mine) == 2 and set(mine["period_date"]) == {f"{prev['start']:%Y-%m-%d}", f"{sub['start']:%Y-%m-%d}"}
+    by_period = {r["period_date"]: r for r in mine.to_dict("records")}
+    for period, (keyed, retried) in ((prev, (earlier, retry_prev)), (sub, (current, retry_cur))):
+        row = by_period[f"{period['start']:%Y-%m-%d}"]
+        assert (row["grants"], row["granted"], row["reversals"], bool(row["canonical"])) == (2, 2 * amount, 0, True)
+        assert row["grant_rows"] == f"{keyed[1]}:{amount}:1 {retried[1]}:{amount}:0"
+        assert row["subscription_id"] == str(sub["id"]) and row["reversed_ids"] is None
+
+
 def test_monitor_counts_match_the_audit_on_its_indicators(db_url, conn, config):
     from checks.monitor import monitor
 
