@@ -209,6 +209,9 @@ def test_mapping_present(db_url, conn, config):
     # the evidence names a points id that another BestAuth user is already mapped to
     taken_bid, taken_pid = make_user(conn)
     stolen = paid_user(conn, mapped=False, grant=False, metadata={"resolved_supabase_user_id": str(taken_pid)})
+    # credits under the BestAuth id itself, while the metadata names another id
+    held_too = paid_user(conn, mapped=False, grant=False, metadata={"resolved_supabase_user_id": str(uuid.uuid4())})
+    add(conn, held_too["bid"], 100)
 
     report = run_audit(db_url, config, rules=["mapping_present"])
     found = flagged(report, "mapping_present")
@@ -219,6 +222,8 @@ def test_mapping_present(db_url, conn, config):
     assert found[str(bare_bid)].params["supabase_user_id"] == str(bare_bid)
     assert found[str(conflict["bid"])].fix is None and "conflicting" in found[str(conflict["bid"])].reason
     assert found[str(stolen["bid"])].fix is None and "already mapped" in found[str(stolen["bid"])].reason
+    held_reason = found[str(held_too["bid"])].reason
+    assert found[str(held_too["bid"])].fix is None and "credits held under the BestAuth id" in held_reason
     assert report.status == "WARNING" and report.exit_code == 1
 
 
