@@ -9,14 +9,9 @@ import uuid
 import psycopg
 import pytest
 
-from tests.audit_cases import add
+from tests.audit_cases import add, deduct
 
 OPEN_LOTS_SQL = "SELECT id, remaining, spent FROM public.points_lots WHERE user_id = %s ORDER BY id"
-
-
-def deduct(conn: psycopg.Connection, uid: uuid.UUID, amount: int, key: str) -> tuple[int, int, bool]:
-    return conn.execute("SELECT * FROM public.deduct_points(%s, %s, 'generation_deduction', 'test', %s)",
-                        (uid, amount, key)).fetchone()
 
 
 @pytest.mark.parametrize("assignment, constraint", [
