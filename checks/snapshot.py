@@ -384,11 +384,12 @@ def _period_grants(rows: "pd.DataFrame") -> "pd.DataFrame":
     starts = np.flatnonzero(starts_mask)
     is_grant = rows["is_grant"].to_numpy(dtype=bool)
     amount = rows["amount"].to_numpy(dtype="int64")
+    canon = rows["canonical"].to_numpy(dtype=bool)
     grants = np.add.reduceat(is_grant.astype("int64"), starts)
     reversals = np.add.reduceat((~is_grant).astype("int64"), starts)
     granted = np.add.reduceat(np.where(is_grant, amount, 0), starts)
     reversed_ = np.add.reduceat(np.where(is_grant, 0, -amount), starts)
-    canonical = np.logical_or.reduceat(rows["canonical"].to_numpy(dtype=bool), starts)
+    canonical = np.logical_or.reduceat(canon, starts)
     at = pa.array(starts)
     frame = pa.table({k: arr.take(at) for k, arr in key_arrays.items()}).to_pandas()
     frame["grants"], frame["granted"], frame["reversals"], frame["reversed"] = grants, granted, reversals, reversed_
@@ -399,7 +400,7 @@ def _period_grants(rows: "pd.DataFrame") -> "pd.DataFrame":
     detail = np.flatnonzero((grants > 1) | (reversals > 0))
     if len(detail):
         # only the rows of those periods become Python values
-        ids, canon, revs = rows["id"].to_numpy(), rows["canonical"].to_numpy(dtype=bool), rows["reverses"]
+        ids, revs = rows["id"].to_numpy(), rows["reverses"]
         for g in detail:
             lo, hi = int(starts[g]), int(ends[g])
             spelled = [f"{ids[i]}:{amount[i]}:{1 if canon[i] else 0}" for i in range(lo, hi) if is_grant[i]]
