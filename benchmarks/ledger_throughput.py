@@ -187,7 +187,7 @@ def settle(target: Target, workload: str) -> None:
             conn.execute("TRUNCATE pgbench_history")
             conn.execute("VACUUM pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history")
         else:
-            conn.execute("VACUUM public.points_balances, public.points_transactions")
+            conn.execute("VACUUM public.points_balances, public.points_lots, public.points_transactions")
         conn.execute("CHECKPOINT")
 
 
