@@ -76,6 +76,7 @@ class RunResult:
     failed: int
     seconds: float
     latency_ms: dict[str, float] = field(default_factory=dict)  # avg, p50, p99
+    flush: dict[str, float] = field(default_factory=dict)       # --flush-stats: per transaction
 
 
 # ---------------------------------------------------------------------------------------- server
@@ -211,6 +212,47 @@ _DONE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
 
 
+# --flush-stats: what a commit waits for. pg_stat_io (PostgreSQL 16+) counts the WAL flushes of the
+# pgbench sessions and, with track_wal_io_timing on in those sessions (set through PGOPTIONS, which needs
+# a superuser: the embedded server's), their time; /proc/stat (Linux) tells how much of the machine's CPU
+# each transaction used and how long it sat idle.
+_WAL_IO = ("SELECT coalesce(sum(fsyncs), 0), coalesce(sum(fsync_time), 0), coalesce(sum(writes), 0) "
+           "FROM pg_stat_io WHERE object = 'wal' AND context = 'normal'")
+
+
+def _cpu_ticks() -> list[int]:
+    """user nice system idle iowait irq softirq steal, in clock ticks since boot (all CPUs); [] off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(x) for x in fh.readline().split()[1:9]]
+    except OSError:
+        return []
+
+
+def _flush_sample(target: Target, settle_s: float = 0.0) -> tuple[tuple[float, ...], list[int]]:
+    cpu = _cpu_ticks()
+    time.sleep(settle_s)  # pgbench's backends report their WAL counts as they exit
+    with psycopg.connect(target.url, autocommit=True) as conn:
+        io = tuple(float(x) for x in conn.execute(_WAL_IO).fetchone())  # type: ignore[union-attr]
+    return io, cpu
+
+
+def _flush_stats(before: tuple[tuple[float, ...], list[int]], after: tuple[tuple[float, ...], list[int]],
+                 transactions: int) -> dict[str, float]:
+    (io0, cpu0), (io1, cpu1) = before, after
+    fsyncs, fsync_ms, _writes = (b - a for a, b in zip(io0, io1))
+    nan = float("nan")
+    stats = {"tx_per_flush": round(transactions / fsyncs, 2) if fsyncs else nan,
+             "flush_us": round(fsync_ms * 1000 / fsyncs, 1) if fsyncs else nan,
+             "cpu_user_us": nan, "cpu_system_us": nan, "cpu_idle_us": nan}
+    if cpu0 and cpu1:
+        t = [b - a for a, b in zip(cpu0, cpu1)]
+        us = 1e6 / os.sysconf("SC_CLK_TCK") / max(transactions, 1)
+        stats.update(cpu_user_us=round((t[0] + t[1]) * us, 1), cpu_system_us=round((t[2] + t[5] + t[6]) * us, 1),
+                     cpu_idle_us=round((t[3] + t[4]) * us, 1))
+    return stats
+
+
 def run_pgbench(target: Target, workload: str, rnd: int, args: argparse.Namespace, workdir: Path,
                 run_tag: str) -> RunResult:
     logdir = workdir / f"{workload}-r{rnd}"
@@ -224,7 +266,11 @@ def run_pgbench(target: Target, workload: str, rnd: int, args: argparse.Namespac
         script.write_text(DEDUCT_SCRIPT)
         cmd += ["-f", str(script), "-D", f"users={args.users}", "-D", f"run={run_tag}{rnd}", "-D", "seq=0"]
     cmd.append(target.pgbench_conninfo)
-    proc = subprocess.run(cmd, env=target.env, capture_output=True, text=True)
+    env = target.env
+    if args.flush_stats:
+        env = {**env, "PGOPTIONS": (env.get("PGOPTIONS", "") + " -c track_wal_io_timing=on").strip()}
+        before = _flush_sample(target)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     out = proc.stdout
     if proc.returncode != 0 or not _TPS.search(out):
         raise RuntimeError(f"pgbench {workload} failed (exit {proc.returncode}):\n{out}\n{proc.stderr[-4000:]}")
@@ -234,8 +280,10 @@ def run_pgbench(target: Target, workload: str, rnd: int, args: argparse.Namespac
             latencies.extend(float(line.split()[2]) for line in fh)
     done = int(_DONE.search(out).group(1))  # type: ignore[union-attr]
     failed_m = _FAILED.search(out)
+    flush = _flush_stats(before, _flush_sample(target, 0.5), done) if args.flush_stats else {}
     return RunResult(workload, rnd, float(_TPS.search(out).group(1)), done,  # type: ignore[union-attr]
-                     int(failed_m.group(1)) if failed_m else 0, float(args.duration), _percentiles(latencies))
+                     int(failed_m.group(1)) if failed_m else 0, float(args.duration), _percentiles(latencies),
+                     flush)
 
 
 RAW_SQL = "SELECT new_balance, transaction_id, duplicate FROM public.deduct_points(%s, %s, %s, %s, %s, %s)"
@@ -387,6 +435,17 @@ def print_report(summary: dict[str, dict[str, float]], results: list[RunResult],
         p(_ratio_line("psycopg_raw / deduct_points   ", ratios["psycopg_raw_vs_deduct_points"],
                       round_ratios(results, "psycopg_raw", "deduct_points"),
                       "the driver's own ceiling from 8 Python threads"))
+    flushed = [r for r in results if r.flush]
+    if flushed:
+        p()
+        p("per transaction (medians of the rounds): WAL flushes of the pgbench sessions and the machine's CPU")
+        p(f"{'workload':<16}{'tx per flush':>14}{'flush us':>10}{'user us':>10}{'system us':>11}{'idle us':>10}")
+        for w in WORKLOADS:
+            mine = [r.flush for r in flushed if r.workload == w]
+            if mine:
+                med = {k: statistics.median(f[k] for f in mine) for k in mine[0]}
+                p(f"{w:<16}{med['tx_per_flush']:>14.2f}{med['flush_us']:>10.0f}{med['cpu_user_us']:>10.0f}"
+                  f"{med['cpu_system_us']:>11.0f}{med['cpu_idle_us']:>10.0f}")
     v = meta["verify"]
     p(f"check: {v['ledger_rows']} bench ledger rows for {v['counted']} counted deductions, "
       f"{v['unbalanced_users']} users whose balance differs from their ledger")
@@ -404,6 +463,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="pgbench query protocol for both pgbench workloads (default prepared, like psycopg)")
     ap.add_argument("--driver-baseline", action="store_true",
                     help="also run psycopg_raw: deduct_points from 8 threads on bare psycopg connections")
+    ap.add_argument("--flush-stats", action="store_true",
+                    help="also report, per pgbench transaction, the WAL flushes it shared and how long they "
+                         "took (pg_stat_io, track_wal_io_timing through PGOPTIONS: needs a superuser) and "
+                         "the machine's CPU time and idle time (/proc/stat)")
     ap.add_argument("--only", choices=WORKLOADS, action="append", help="run only these workloads (repeatable)")
     ap.add_argument("--skip-migration", action="append", default=[], metavar="PREFIX",
                     help="leave out sql/ migrations whose name starts with PREFIX (e.g. 008: before the fast path)")
