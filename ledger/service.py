@@ -167,7 +167,11 @@ def _results(pgconn: Any, poll: Any) -> Any:
     while True:
         try:
             while pgconn.is_busy():
-                poll.poll()
+                try:
+                    poll.poll()
+                except KeyboardInterrupt:
+                    _cancel_and_drain(pgconn, poll)
+                    raise
                 pgconn.consume_input()
             res = pgconn.get_result()
         except psycopg.DatabaseError:
@@ -184,6 +188,26 @@ def _results(pgconn: Any, poll: Any) -> Any:
     if first is None:
         raise psycopg.InternalError("got no result from the query")
     return first
+
+
+def _cancel_and_drain(pgconn: Any, poll: Any) -> None:
+    """Ctrl-C while the server runs the call: ask the server to cancel it and read what it answers, as
+    psycopg does for its own queries (``Connection.wait``), so the statement stops rather than running
+    on unseen and the connection is idle again. A second interrupt, or a failure here, leaves the
+    connection busy, and the pool closes a busy connection it gets back instead of reusing it."""
+    deadline = time.monotonic() + 5.0  # psycopg's own wait for a cancelled query
+    try:
+        pgconn.get_cancel().cancel()
+        while True:
+            while pgconn.is_busy():
+                if time.monotonic() > deadline:
+                    return
+                poll.poll(500)
+                pgconn.consume_input()
+            if pgconn.get_result() is None:
+                return
+    except psycopg.Error:
+        return  # the connection is gone or broken: the pool drops it
 
 
 def _expect(res: Any, status: Any) -> Any:

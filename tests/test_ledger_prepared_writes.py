@@ -8,6 +8,9 @@ must give the same rows, the same typed errors and the same failure record.
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -126,3 +129,40 @@ def test_bad_input_is_refused_before_any_statement_is_prepared(db_url: str, conn
     finally:
         led.close()
     assert conn.execute("SELECT count(*) FROM public.points_transactions").fetchone()[0] == 0
+
+
+def test_ctrl_c_during_a_prepared_write_cancels_it_on_the_server(db_url: str, conn: psycopg.Connection) -> None:
+    """Ctrl-C while a deduction waits in the server (here on the user's balance row, held by another
+    session): the call raises KeyboardInterrupt, as psycopg's cursor does, after asking the server to
+    cancel it. Without the cancel the server would go on, take the row once it is free and write the
+    deduction nobody is waiting for; with it nothing is written, and the same key can be sent again."""
+    uid = uuid.uuid4()
+    led = _one_connection_ledger(db_url)
+    blocker = psycopg.connect(db_url)  # in a transaction: holds the row lock until rollback
+    try:
+        led.grant(uid, 10, idempotency_key="g")
+        blocker.execute("SELECT 1 FROM public.points_balances WHERE user_id = %s FOR UPDATE", (uid,))
+        main = threading.main_thread().ident
+        assert main == threading.get_ident()  # the signal must reach the thread that waits
+        timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            led.deduct(uid, 3, idempotency_key="interrupted")
+        timer.join()
+        assert time.monotonic() - started < 5  # the wait on the lock ended with the cancel
+        waiting = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                               "AND query LIKE '%deduct_points%'").fetchone()[0]
+        blocker.rollback()
+        assert waiting == 0
+        time.sleep(0.2)  # a statement left running would now take the row and commit
+        assert balance_row(conn, uid) == (10, 10, 0) and ledger_sum(conn, uid) == 10
+        assert led.deduct(uid, 3, idempotency_key="interrupted") == LedgerWrite(7, _tx(conn, "interrupted"), False)
+    finally:
+        blocker.close()
+        led.close()
+
+
+def _tx(conn: psycopg.Connection, key: str) -> int:
+    return int(conn.execute("SELECT id FROM public.points_transactions WHERE idempotency_key = %s",
+                            (key,)).fetchone()[0])
