@@ -212,11 +212,11 @@ _DONE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
 
 
-# --flush-stats: what a commit waits for. pg_stat_io (PostgreSQL 16+) counts the WAL flushes of the
-# pgbench sessions and, with track_wal_io_timing on in those sessions (set through PGOPTIONS, which needs
-# a superuser: the embedded server's), their time; /proc/stat (Linux) tells how much of the machine's CPU
-# each transaction used and how long it sat idle.
-_WAL_IO = ("SELECT coalesce(sum(fsyncs), 0), coalesce(sum(fsync_time), 0), coalesce(sum(writes), 0) "
+# --flush-stats: what a commit waits for. pg_stat_io's object 'wal' (PostgreSQL 18+; older servers show
+# no flush figures) counts the WAL flushes of the pgbench sessions and, with track_wal_io_timing on in
+# those sessions (set through PGOPTIONS, which needs a superuser: the embedded server's), their time;
+# /proc/stat (Linux) tells how much of the machine's CPU each transaction used and how long it sat idle.
+_WAL_IO = ("SELECT coalesce(sum(fsyncs), 0), coalesce(sum(fsync_time), 0) "
            "FROM pg_stat_io WHERE object = 'wal' AND context = 'normal'")
 
 
@@ -233,14 +233,17 @@ def _flush_sample(target: Target, settle_s: float = 0.0) -> tuple[tuple[float, .
     cpu = _cpu_ticks()
     time.sleep(settle_s)  # pgbench's backends report their WAL counts as they exit
     with psycopg.connect(target.url, autocommit=True) as conn:
-        io = tuple(float(x) for x in conn.execute(_WAL_IO).fetchone())  # type: ignore[union-attr]
+        try:
+            io = tuple(float(x) for x in conn.execute(_WAL_IO).fetchone())  # type: ignore[union-attr]
+        except psycopg.errors.UndefinedTable:  # before PostgreSQL 16: no pg_stat_io at all
+            io = (0.0, 0.0)
     return io, cpu
 
 
 def _flush_stats(before: tuple[tuple[float, ...], list[int]], after: tuple[tuple[float, ...], list[int]],
                  transactions: int) -> dict[str, float]:
     (io0, cpu0), (io1, cpu1) = before, after
-    fsyncs, fsync_ms, _writes = (b - a for a, b in zip(io0, io1))
+    fsyncs, fsync_ms = (b - a for a, b in zip(io0, io1))
     nan = float("nan")
     stats = {"tx_per_flush": round(transactions / fsyncs, 2) if fsyncs else nan,
              "flush_us": round(fsync_ms * 1000 / fsyncs, 1) if fsyncs else nan,
