@@ -2,8 +2,8 @@
 -- WHEN down to one test (issue 2 benchmark).
 --
 -- Measured with callgrind (`python -m benchmarks.instructions`: instructions per call on a single-user
--- backend, the same count for the same work whatever else the machine does), against sql/022: see the
--- README's ledger section for the figures of this migration.
+-- backend, the same count for the same work whatever else the machine does), against sql/022:
+--   deduct_points 457k -> 443k (-3.0%), single_lot 463k -> 448k, many_lots 566k -> 553k.
 --
 -- 1. The whole fast path (the balance, the lots, the ledger row) runs inside the block that catches a
 --    taken idempotency key. The block was the ledger INSERT's alone, and a taken key then had its balance
@@ -12,14 +12,14 @@
 --    (the block's and, assigned first, the transaction's); a taken key leaves the same dead rows.
 --    What a caller sees is unchanged: the same answers, the same refusals, the same rows written.
 -- 2. plpgsql evaluates each IF and each assignment as an expression that it sets up again in every
---    transaction (~2.7k instructions each). The fast path had nine; it has three: the balance and the
---    ledger id go straight into the OUT columns (RETURNING ... INTO new_balance / transaction_id,
---    duplicate), the rest still to draw comes out of the first lot's UPDATE, and the success test after
---    the INSERT is gone (the INSERT either succeeded or the handler runs).
+--    transaction (1.5-2.7k instructions each). The fast path had nine; it has three (-9k): the balance
+--    and the ledger id go straight into the OUT columns (RETURNING ... INTO new_balance /
+--    transaction_id, duplicate), the rest still to draw comes out of the first lot's UPDATE, and the
+--    success test after the INSERT is gone (the INSERT either succeeded or the handler runs).
 -- 3. A draw deduct_points made itself now always says so: lots_drawn is true for a single-lot draw
 --    (lot_id) as it was for a draw on several lots (lot_ids or consumption rows). The lots trigger's
 --    WHEN is then `NEW.lots_drawn IS NULL` alone, one test fewer for PostgreSQL to read back from its
---    stored text in every ledger INSERT (~-6k), and the trigger function itself returns at once for a row
+--    stored text in every ledger INSERT (-7k), and the trigger function itself returns at once for a row
 --    that carries a lot_id, so a row written by any other path is handled exactly as before (rows with a
 --    lot_id and lots_drawn NULL, from before this migration or from the seed's bulk load, which skips the
 --    trigger, are never walked). Nothing reads lots_drawn but the trigger's WHEN.
