@@ -9,6 +9,7 @@ import uuid
 import psycopg
 
 from tests.audit_cases import add, deduct
+from tests.factories import balance_row
 
 LOTS_SQL = "SELECT id, remaining, spent FROM public.points_lots WHERE user_id = %s ORDER BY id"
 ROW_SQL = """SELECT lot_id, lots_drawn, lot_ids, lot_amounts FROM public.points_transactions
@@ -18,11 +19,9 @@ CONSUMED_SQL = """SELECT lot_id, amount FROM public.points_lot_consumptions WHER
 
 
 def _state(conn: psycopg.Connection, uid: uuid.UUID) -> tuple[object, ...]:
-    balance = conn.execute("SELECT balance, lifetime_spent FROM public.points_balances WHERE user_id = %s",
-                           (uid,)).fetchone()
     ledger = conn.execute("SELECT count(*), sum(amount) FROM public.points_transactions WHERE user_id = %s",
                           (uid,)).fetchone()
-    return (balance, ledger, conn.execute(LOTS_SQL, (uid,)).fetchall(),
+    return (balance_row(conn, uid), ledger, conn.execute(LOTS_SQL, (uid,)).fetchall(),
             conn.execute(CONSUMED_SQL, (uid,)).fetchall())
 
 
