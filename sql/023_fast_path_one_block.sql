@@ -9,7 +9,8 @@
 --    taken idempotency key. The block was the ledger INSERT's alone, and a taken key then had its balance
 --    and its draws undone by two more UPDATEs; now rolling the block back undoes them, and the handler
 --    only answers from the first row (ledger_replay), as before. The same two transaction ids are used
---    (the block's and, assigned first, the transaction's); a taken key leaves the same dead rows.
+--    (the block's and, assigned first, the transaction's); a taken key leaves two dead row versions fewer
+--    (the rolled-back balance and lot versions, not those plus the undo's).
 --    What a caller sees is unchanged: the same answers, the same refusals, the same rows written.
 -- 2. plpgsql evaluates each IF and each assignment as an expression that it sets up again in every
 --    transaction (1.5-2.7k instructions each). The fast path had nine; it has three (-9k): the balance
